@@ -1,0 +1,111 @@
+"""Export a training run as a shippable checkpoint: ``python -m model.export --run RUN --output DIR``.
+
+Takes the run's EMA weights, measures bits/dim on the train, validation and test
+images (dequantised with a recorded seed, and at bin centres), stores the
+validation split's anomaly scores as the calibration reference, and writes
+``glow.safetensors`` + ``glow.json`` (see ``model.checkpoint``), then the model card
+(``README.md``, ``samples.png``, ``training-curve.png``; see ``model.card``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.anomaly import METHOD, REFERENCE_KEY, anomaly_score
+from model.card import write_card
+from model.checkpoint import parameter_count, read_tensors, save_checkpoint
+from model.data import fingerprint, load_images, split_validation
+from model.evaluate import bits_per_dim
+from model.glow import Glow, GlowConfig
+from model.train import LOG_FILE, STATE_FILE
+
+TRAIN_SUBSET = 10_000  # training images scored for the card's train bits/dim
+
+
+def load_run(run: Path, weights: str = "ema") -> tuple[Glow, dict[str, Any]]:
+    """The model of a run folder (its EMA weights by default) and the state's JSON."""
+    info = json.loads((run / STATE_FILE).with_suffix(".json").read_text())
+    tensors, _ = read_tensors(run / STATE_FILE)
+    model = Glow(GlowConfig.from_dict(info["config"]))
+    prefix = f"{weights}."
+    model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    return model.eval(), info
+
+
+def hardware(info: dict[str, Any]) -> str:
+    device = info.get("device", "cpu")
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU, {info.get('threads', '?')} threads x {info.get('world_size', 1)} process(es)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m model.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", type=Path, required=True, help="training run folder (state.safetensors, log.jsonl)")
+    p.add_argument("--train", type=Path, required=True, help="the training images the run used")
+    p.add_argument("--test", type=Path, required=True, help="test images to report bits/dim on")
+    p.add_argument("--output", type=Path, required=True, help="checkpoint folder to write")
+    p.add_argument("--name", default=None, help="model name (default: glow-<dataset>)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the dequantisation noise")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+
+    model, info = load_run(args.run)
+    model.to(args.device)
+    train_images, val_images = split_validation(load_images(args.train), info["val_count"])
+    test_images = load_images(args.test)
+    dataset = info["dataset_name"]
+    print(f"scoring {len(test_images)} test, {len(val_images)} validation, {TRAIN_SUBSET} training images", file=sys.stderr)
+    test = bits_per_dim(model, test_images, seed=args.seed)
+    val = bits_per_dim(model, val_images, seed=args.seed)
+    train = bits_per_dim(model, train_images[:TRAIN_SUBSET], seed=args.seed)
+    _, reference = anomaly_score(model, torch.as_tensor(val_images).to(model.device))
+    steps = int(info["step"])
+    per_epoch = len(train_images) // (info["settings"]["batch_size"] * info.get("world_size", 1))
+    meta = {
+        "name": args.name or f"glow-{dataset}",
+        "dataset": {
+            "name": dataset,
+            "train_files": fingerprint([args.train]),
+            "test_files": fingerprint([args.test]),
+            "validation": f"the last {info['val_count']} training images, held out from training",
+        },
+        "metrics": {
+            "test_bits_per_dim": test.dequantized,
+            "test_bits_per_dim_bin_centre": test.bin_centre,
+            "val_bits_per_dim": val.dequantized,
+            "val_bits_per_dim_bin_centre": val.bin_centre,
+            "train_bits_per_dim": train.dequantized,
+            "train_bits_per_dim_bin_centre": train.bin_centre,
+            "train_images_scored": train.images,
+            "dequantization_seed": args.seed,
+        },
+        "anomaly": {"method": METHOD, "reference": "validation split", "reference_size": len(val_images)},
+        "training": {
+            "command": info["command"],
+            "steps": steps,
+            "epochs": round(steps / per_epoch, 2),
+            "wall_time_s": round(float(info["wall_time_s"]), 1),
+            "hardware": hardware(info),
+            "settings": info["settings"],
+            "weights": "exponential moving average",
+        },
+    }
+    weights = save_checkpoint(model, args.output, meta, {REFERENCE_KEY: reference})
+    write_card(model, json.loads(weights.with_suffix(".json").read_text()), args.output, args.run / LOG_FILE)
+    print(
+        f"wrote {weights} ({parameter_count(model):,} parameters): test {test.dequantized:.4f} bits/dim "
+        f"(bin centre {test.bin_centre:.4f}), val {val.dequantized:.4f}, train {train.dequantized:.4f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Glow: a multi-scale flow of ActNorm, invertible 1x1 convolutions and affine couplings.
+
+Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions",
+NeurIPS 2018 (arXiv:1807.03039). The multi-scale architecture is that of RealNVP
+(Dinh et al., ICLR 2017).
+
+Images are discrete: a pixel k in [0, 2^n) (n = n_bits) stands for the bin
+[k, k+1) / 2^n, shifted to [-0.5, 0.5). With a continuous density p on that cube,
+
+    log P(k) >= E_u[log p((k + u) / 2^n - 0.5)] - D * n * log 2,   u ~ U[0, 1)^D
+
+(the dequantisation bound, Theis et al., 2016). Training maximises the right-hand
+side with one noise draw per image; inference scores the bin centre, u = 1/2, so the
+same image always gets the same score. Bits per dimension: -log P / (D * log 2).
+
+The latent of an image is one flat vector per image: the standardised latents eps of
+every level (see ``layers.ConditionalPrior``), level 1's split first, then level 2's,
+..., the top level's last, each flattened in (C, H, W) order. Under the model every
+entry is N(0, 1), so ``decode(T * randn(n, latent_dim))`` samples at temperature T.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+from model.layers import ActNorm, ConditionalPrior, FlowStep, Squeeze, TopPrior
+
+
+@dataclass(frozen=True)
+class GlowConfig:
+    """Everything that fixes a Glow's architecture; stored with its weights."""
+
+    image_shape: tuple[int, int, int] = (1, 28, 28)  # (C, H, W) of the input images
+    levels: int = 2  # L: number of squeeze -> K steps -> split/prior scales
+    steps_per_level: int = 16  # K: flow steps (ActNorm, 1x1 conv, coupling) per level
+    hidden_channels: int = 64  # width of every coupling network
+    n_bits: int = 8  # bits per pixel the model sees (8: all 256 grey levels)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image_shape", tuple(int(v) for v in self.image_shape))
+        c, h, w = self.image_shape
+        if len(self.image_shape) != 3 or min(self.image_shape) < 1:
+            raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {self.image_shape}")
+        if self.levels < 1 or self.steps_per_level < 1 or self.hidden_channels < 1:
+            raise ValueError("levels, steps_per_level and hidden_channels must be >= 1")
+        if not 1 <= self.n_bits <= 8:
+            raise ValueError(f"n_bits must be in 1..8, got {self.n_bits}")
+        scale = 2**self.levels
+        if h % scale or w % scale:
+            raise ValueError(f"{self.levels} levels need height and width divisible by {scale}, got {h}x{w}")
+
+    @property
+    def dims(self) -> int:
+        """D, the number of pixel values per image."""
+        return math.prod(self.image_shape)
+
+    def to_dict(self) -> dict[str, object]:
+        data = asdict(self)
+        data["image_shape"] = list(self.image_shape)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> GlowConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown config fields: {sorted(unknown)}")
+        return cls(**data)  # type: ignore[arg-type]
+
+
+class Level(nn.Module):
+    """One scale: squeeze, K flow steps, then a split (or, last, the top prior)."""
+
+    def __init__(self, channels: int, height: int, width: int, config: GlowConfig, last: bool) -> None:
+        super().__init__()
+        self.squeeze = Squeeze()
+        c, h, w = 4 * channels, height // 2, width // 2
+        self.steps = nn.ModuleList(FlowStep(c, config.hidden_channels) for _ in range(config.steps_per_level))
+        self.prior: ConditionalPrior | TopPrior = TopPrior(c, h, w) if last else ConditionalPrior(c)
+        self.out_channels = c if last else c // 2  # channels passed to the next level
+        self.latent_shape = (c if last else c - c // 2, h, w)  # shape of this level's eps
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x -> (input of the next level, this level's eps, log|det|)."""
+        x, logdet = self.squeeze(x)
+        for step in self.steps:
+            x, ld = step(x)
+            logdet = logdet + ld
+        y, ld = self.prior(x)
+        keep = y.shape[1] - self.latent_shape[0]
+        return y[:, :keep], y[:, keep:], logdet + ld
+
+    def inverse(self, x_next: Tensor, eps: Tensor) -> Tensor:
+        """(input of the next level, eps) -> this level's input."""
+        y, _ = self.prior.inverse(torch.cat([x_next, eps], dim=1))
+        for step in reversed(self.steps):
+            y, _ = step.inverse(y)
+        x, _ = self.squeeze.inverse(y)
+        return x
+
+
+class Glow(nn.Module):
+    """The whole flow on discrete images: log_prob, sample, encode, decode."""
+
+    def __init__(self, config: GlowConfig) -> None:
+        super().__init__()
+        self.config = config
+        c, h, w = config.image_shape
+        levels = []
+        for index in range(config.levels):
+            level = Level(c, h, w, config, last=index == config.levels - 1)
+            levels.append(level)
+            c, h, w = level.out_channels, h // 2, w // 2
+        self.levels = nn.ModuleList(levels)
+
+    # ----------------------------------------------------------------- layout
+    @property
+    def latent_shapes(self) -> list[tuple[int, int, int]]:
+        """(C, H, W) of each level's eps, in the order of the flat latent."""
+        return [level.latent_shape for level in self.levels]
+
+    @property
+    def latent_dim(self) -> int:
+        return sum(math.prod(shape) for shape in self.latent_shapes)
+
+    def actnorms(self) -> Iterator[ActNorm]:
+        return (m for m in self.modules() if isinstance(m, ActNorm))
+
+    @property
+    def is_initialized(self) -> bool:
+        return all(bool(a.initialized) for a in self.actnorms())
+
+    # -------------------------------------------------------------- the flow
+    def flow_forward(self, y: Tensor) -> tuple[list[Tensor], Tensor]:
+        """Continuous input y in [-0.5, 0.5)^D -> (eps of every level, log|det dz/dy|)."""
+        logdet = y.new_zeros(y.shape[0])
+        latents = []
+        x = y
+        for level in self.levels:
+            x, eps, ld = level(x)
+            latents.append(eps)
+            logdet = logdet + ld
+        return latents, logdet
+
+    def flow_inverse(self, latents: list[Tensor]) -> Tensor:
+        """eps of every level -> continuous image y."""
+        x = latents[-1].new_zeros(latents[-1].shape[0], 0, *latents[-1].shape[2:])
+        for level, eps in zip(reversed(self.levels), reversed(latents)):
+            x = level.inverse(x, eps)
+        return x
+
+    # ---------------------------------------------------------------- pixels
+    def to_continuous(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
+        """uint8 pixels (B, C, H, W) -> y = (k + u) / 2^n - 0.5, u = noise or 1/2 (bin centre)."""
+        if x.dtype != torch.uint8:
+            raise TypeError(f"images must be uint8 pixels, got {x.dtype}")
+        bins = 2**self.config.n_bits
+        k = torch.div(x, 2 ** (8 - self.config.n_bits), rounding_mode="floor").to(self.dtype)
+        u = 0.5 if noise is None else noise
+        return (k + u) / bins - 0.5
+
+    def to_pixels(self, y: Tensor) -> Tensor:
+        """Continuous y -> uint8 pixels: the bin that y falls in (clamped to the valid range)."""
+        bins = 2**self.config.n_bits
+        y = torch.nan_to_num(y, nan=0.0, posinf=0.5, neginf=-0.5)
+        k = torch.floor((y + 0.5) * bins).clamp(0, bins - 1)
+        return (k * 2 ** (8 - self.config.n_bits)).to(torch.uint8)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # ------------------------------------------------------------ densities
+    def log_prob(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
+        """log P(x) in nats of each discrete image in uint8 batch x, shape (B,).
+
+        noise=None scores the bin centres (deterministic, for inference); pass
+        u ~ U[0, 1)^D of x's shape to get the dequantised training objective.
+        """
+        latents, logdet = self.flow_forward(self.to_continuous(x, noise))
+        log_normal = sum(
+            (-0.5 * (eps**2 + math.log(2 * math.pi))).flatten(1).sum(1) for eps in latents
+        )
+        return log_normal + logdet - self.config.dims * self.config.n_bits * math.log(2)
+
+    def forward(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
+        """Same as :meth:`log_prob` (so DistributedDataParallel can wrap the training objective)."""
+        return self.log_prob(x, noise)
+
+    def bits_per_dim(self, log_prob: Tensor) -> Tensor:
+        """-log P / (D log 2): nats of whole images -> bits per pixel value."""
+        return -log_prob / (self.config.dims * math.log(2))
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor, generator: torch.Generator | None = None) -> None:
+        """Data-dependent ActNorm initialisation from one batch of uint8 images (done once).
+
+        Each ActNorm is initialised, in order, from the activations that reach it
+        when the (dequantised) batch flows through the already-initialised layers.
+        """
+        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=self.dtype)
+
+        def init_hook(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+            module.initialize(inputs[0])
+
+        hooks = [a.register_forward_pre_hook(init_hook) for a in self.actnorms()]
+        try:
+            self.flow_forward(self.to_continuous(x, noise))
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    # --------------------------------------------------------------- latents
+    def _flatten(self, latents: list[Tensor]) -> Tensor:
+        return torch.cat([eps.flatten(1) for eps in latents], dim=1)
+
+    def _unflatten(self, z: Tensor) -> list[Tensor]:
+        if z.ndim != 2 or z.shape[1] != self.latent_dim:
+            raise ValueError(f"latents must have shape (B, {self.latent_dim}), got {tuple(z.shape)}")
+        sizes = [math.prod(shape) for shape in self.latent_shapes]
+        parts = z.split(sizes, dim=1)
+        return [p.reshape(-1, *shape) for p, shape in zip(parts, self.latent_shapes)]
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        """uint8 images (B, C, H, W) -> flat latents (B, latent_dim), bin centres."""
+        latents, _ = self.flow_forward(self.to_continuous(x))
+        return self._flatten(latents)
+
+    @torch.no_grad()
+    def decode(self, z: Tensor) -> Tensor:
+        """Flat latents (B, latent_dim) -> uint8 images (B, C, H, W)."""
+        return self.to_pixels(self.flow_inverse(self._unflatten(z.to(self.dtype))))
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 0.7, seed: int | None = None) -> Tensor:
+        """n uint8 images drawn with every prior's std scaled by ``temperature``."""
+        if n < 1 or not temperature > 0 or not math.isfinite(temperature):
+            raise ValueError(f"need n >= 1 and a finite temperature > 0, got n={n}, T={temperature}")
+        generator = torch.Generator()  # on the CPU: the same seed gives the same images on any device
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+        z = torch.randn(n, self.latent_dim, generator=generator, dtype=torch.float64)
+        return self.decode((z * temperature).to(self.device))

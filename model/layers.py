@@ -1,0 +1,297 @@
+"""The invertible layers of Glow (Kingma & Dhariwal, 2018, arXiv:1807.03039).
+
+Every layer is a bijection with the same two-way signature::
+
+    forward(x) -> (y, logdet)      logdet = log|det dy/dx|, one value per batch row
+    inverse(y) -> (x, logdet)      logdet = log|det dx/dy| = -forward's logdet
+
+so both directions can be tested against each other and against a brute-force
+Jacobian. Tensors are (B, C, H, W) throughout.
+
+The multi-scale "split" of the paper is written here as a bijection too
+(:class:`ConditionalPrior`): instead of scoring the factored-out half z_b under
+N(mu(z_a), sigma(z_a)) it standardises it, eps = (z_b - mu) / sigma, with
+log|det| = -sum(log sigma). The model then scores every eps under N(0, I), which
+is the same density, and sampling at temperature T draws eps ~ N(0, T^2 I), which
+scales every prior's standard deviation by T as in the paper.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+LOG_SCALE_FACTOR = 3.0
+"""Zero-initialised convolutions scale their output by exp(3 * logs) (as in the
+reference implementation), so the learned per-channel output scale moves quickly."""
+
+
+def _batch_logdet(value: Tensor, batch: int) -> Tensor:
+    """Broadcast a log-det that does not depend on the input to one value per row."""
+    return value.expand(batch)
+
+
+class ActNorm(nn.Module):
+    """Per-channel affine normalisation, y = (x + b) * exp(log_s) (paper, section 3.1).
+
+    log|det| = H * W * sum_c log_s[c].
+
+    Data-dependent initialisation is explicit: :meth:`initialize` sets b and log_s so
+    that a given batch has zero mean and unit variance per channel, and marks the
+    layer initialised in a buffer that is saved with the weights. It is called once,
+    on the first training batch (see ``Glow.initialize``), never from ``forward``, so
+    loading weights or serving requests can never re-initialise the layer.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.log_scale = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor, eps: float = 1e-6) -> None:
+        """Set b = -mean(x), log_s = -log(std(x) + eps) per channel, from batch x."""
+        mean = x.mean(dim=(0, 2, 3), keepdim=True)
+        std = x.std(dim=(0, 2, 3), keepdim=True, unbiased=False)
+        self.bias.copy_(-mean)
+        self.log_scale.copy_(-torch.log(std + eps))
+        self.initialized.fill_(True)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        y = (x + self.bias) * torch.exp(self.log_scale)
+        logdet = self.log_scale.sum() * (x.shape[2] * x.shape[3])
+        return y, _batch_logdet(logdet, x.shape[0])
+
+    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        x = y * torch.exp(-self.log_scale) - self.bias
+        logdet = -self.log_scale.sum() * (y.shape[2] * y.shape[3])
+        return x, _batch_logdet(logdet, y.shape[0])
+
+
+class InvertibleConv1x1(nn.Module):
+    """Invertible 1x1 convolution with an LU-decomposed weight (paper, section 3.2).
+
+    W = P L (U + diag(sign(s) * exp(log|s|))), with P a fixed permutation, L unit
+    lower-triangular and U strictly upper-triangular, so that
+    log|det| = H * W * sum(log|s|) costs O(C) instead of O(C^3).
+
+    Initialised from a random rotation, as in the paper. In eval mode the composed
+    weight and its inverse are computed once (the inverse in float64) and cached
+    until a parameter changes, the module moves, or it returns to training mode.
+    """
+
+    def __init__(self, channels: int, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        rotation, _ = torch.linalg.qr(torch.randn(channels, channels, generator=generator))
+        permutation, lower, upper = torch.linalg.lu(rotation)
+        diagonal = torch.diagonal(upper)
+        self.register_buffer("permutation", permutation)
+        self.register_buffer("sign_s", torch.sign(diagonal))
+        self.register_buffer("lower_mask", torch.tril(torch.ones(channels, channels), -1))
+        self.lower = nn.Parameter(lower)
+        self.upper = nn.Parameter(torch.triu(upper, 1))
+        self.log_s = nn.Parameter(torch.log(torch.abs(diagonal)))
+        self._cache: tuple[tuple[object, ...], Tensor, Tensor] | None = None
+
+    def _compose(self) -> Tensor:
+        eye = torch.eye(self.lower.shape[0], dtype=self.lower.dtype, device=self.lower.device)
+        lower = self.lower * self.lower_mask + eye
+        upper = self.upper * self.lower_mask.T + torch.diag(self.sign_s * torch.exp(self.log_s))
+        return self.permutation @ lower @ upper  # (C_out, C_in)
+
+    def _cache_key(self) -> tuple[object, ...]:
+        params = (self.lower, self.upper, self.log_s)
+        return tuple(p._version for p in params) + tuple(p.data_ptr() for p in params)
+
+    def _cached(self) -> tuple[Tensor, Tensor]:
+        key = self._cache_key()
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                weight = self._compose()
+                inverse = torch.linalg.inv(weight.double()).to(weight.dtype)
+            self._cache = (key, weight, inverse)
+        return self._cache[1], self._cache[2]
+
+    def weight(self) -> Tensor:
+        """The (C_out, C_in) weight W; cached in eval mode."""
+        return self._cached()[0] if not self.training else self._compose()
+
+    def inverse_weight(self) -> Tensor:
+        """W^-1, inverted in float64; cached in eval mode."""
+        if not self.training:
+            return self._cached()[1]
+        weight = self._compose()
+        return torch.linalg.inv(weight.double()).to(weight.dtype)
+
+    def train(self, mode: bool = True) -> InvertibleConv1x1:
+        self._cache = None
+        return super().train(mode)
+
+    def _logdet(self, x: Tensor) -> Tensor:
+        return _batch_logdet(self.log_s.sum() * (x.shape[2] * x.shape[3]), x.shape[0])
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return F.conv2d(x, self.weight()[:, :, None, None]), self._logdet(x)
+
+    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        return F.conv2d(y, self.inverse_weight()[:, :, None, None]), -self._logdet(y)
+
+
+class ZeroConv2d(nn.Module):
+    """3x3 convolution initialised to output zero, times a learned exp(3 * logs).
+
+    Used as the last layer of every coupling network and prior, so that each flow
+    step starts as the identity and each prior as N(0, I) (paper, section 3.3).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+        self.logs = nn.Parameter(torch.zeros(1, out_channels, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x) * torch.exp(self.logs * LOG_SCALE_FACTOR)
+
+
+class AffineCoupling(nn.Module):
+    """Affine coupling layer (paper, section 3.3; Dinh et al., 2017).
+
+    x = [x_a, x_b] split along channels; (raw, t) = NN(x_a);
+    s = sigmoid(raw + 2); y_b = (x_b + t) * s; y = [x_a, y_b].
+    log|det| = sum log s. Inverse: x_b = y_b / s - t.
+
+    NN is conv3x3 -> ReLU -> conv1x1 -> ReLU -> ZeroConv3x3 with ``hidden`` channels.
+    The sigmoid keeps the scale in (0, 1), which the reference implementation found
+    more stable than exp; with the zero-initialised last layer the step starts as
+    y_b = sigmoid(2) * x_b, a fixed scale that the next ActNorm absorbs.
+    """
+
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__()
+        self.split_at = channels // 2
+        out = channels - self.split_at
+        self.net = nn.Sequential(
+            nn.Conv2d(self.split_at, hidden, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(hidden, hidden, 1),
+            nn.ReLU(),
+            ZeroConv2d(hidden, 2 * out),
+        )
+        nn.init.normal_(self.net[0].weight, std=0.05)
+        nn.init.zeros_(self.net[0].bias)
+        nn.init.normal_(self.net[2].weight, std=0.05)
+        nn.init.zeros_(self.net[2].bias)
+
+    def _scale_shift(self, x_a: Tensor) -> tuple[Tensor, Tensor]:
+        raw, shift = self.net(x_a).chunk(2, dim=1)
+        return torch.sigmoid(raw + 2.0), shift
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x_a, x_b = x[:, : self.split_at], x[:, self.split_at :]
+        scale, shift = self._scale_shift(x_a)
+        y_b = (x_b + shift) * scale
+        return torch.cat([x_a, y_b], dim=1), torch.log(scale).flatten(1).sum(1)
+
+    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        y_a, y_b = y[:, : self.split_at], y[:, self.split_at :]
+        scale, shift = self._scale_shift(y_a)
+        x_b = y_b / scale - shift
+        return torch.cat([y_a, x_b], dim=1), -torch.log(scale).flatten(1).sum(1)
+
+
+class FlowStep(nn.Module):
+    """One step of flow: ActNorm -> invertible 1x1 conv -> affine coupling (paper, fig. 2a)."""
+
+    def __init__(self, channels: int, hidden: int, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.actnorm = ActNorm(channels)
+        self.invconv = InvertibleConv1x1(channels, generator)
+        self.coupling = AffineCoupling(channels, hidden)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x, ld_norm = self.actnorm(x)
+        x, ld_conv = self.invconv(x)
+        x, ld_coupling = self.coupling(x)
+        return x, ld_norm + ld_conv + ld_coupling
+
+    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        y, ld_coupling = self.coupling.inverse(y)
+        y, ld_conv = self.invconv.inverse(y)
+        y, ld_norm = self.actnorm.inverse(y)
+        return y, ld_norm + ld_conv + ld_coupling
+
+
+class Squeeze(nn.Module):
+    """Space-to-depth: (B, C, H, W) -> (B, 4C, H/2, W/2), a permutation (log|det| = 0).
+
+    Each 2x2 spatial block becomes 4 channels, ordered (c, dy, dx) as in the
+    reference implementation.
+    """
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        b, c, h, w = x.shape
+        if h % 2 or w % 2:
+            raise ValueError(f"squeeze needs even height and width, got {h}x{w}")
+        y = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
+        return y.reshape(b, 4 * c, h // 2, w // 2), x.new_zeros(b)
+
+    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        b, c, h, w = y.shape
+        x = y.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
+        return x.reshape(b, c // 4, 2 * h, 2 * w), y.new_zeros(b)
+
+
+class ConditionalPrior(nn.Module):
+    """The multi-scale split with a learned conditional Gaussian prior (paper, section 3; Dinh et al., 2017).
+
+    x = [z_a, z_b]; (mu, log_sigma) = ZeroConv3x3(z_a);
+    y = [z_a, eps] with eps = (z_b - mu) * exp(-log_sigma).
+    log|det| = -sum log_sigma, so log N(z_b; mu, sigma) = log N(eps; 0, I) + log|det|.
+    z_a continues to the next level; eps is a latent scored under N(0, I).
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.split_at = channels // 2
+        self.prior = ZeroConv2d(self.split_at, 2 * (channels - self.split_at))
+
+    def _mean_log_sigma(self, z_a: Tensor) -> tuple[Tensor, Tensor]:
+        mean, log_sigma = self.prior(z_a).chunk(2, dim=1)
+        return mean, log_sigma
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        z_a, z_b = x[:, : self.split_at], x[:, self.split_at :]
+        mean, log_sigma = self._mean_log_sigma(z_a)
+        eps = (z_b - mean) * torch.exp(-log_sigma)
+        return torch.cat([z_a, eps], dim=1), -log_sigma.flatten(1).sum(1)
+
+    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        z_a, eps = y[:, : self.split_at], y[:, self.split_at :]
+        mean, log_sigma = self._mean_log_sigma(z_a)
+        z_b = eps * torch.exp(log_sigma) + mean
+        return torch.cat([z_a, z_b], dim=1), log_sigma.flatten(1).sum(1)
+
+
+class TopPrior(nn.Module):
+    """The learned prior of the last level: N(mu, sigma) with learned mu, log_sigma of shape (C, H, W).
+
+    Written as the bijection eps = (z - mu) * exp(-log_sigma), log|det| = -sum log_sigma
+    (paper's "learntop"); zero-initialised, so it starts as N(0, I).
+    """
+
+    def __init__(self, channels: int, height: int, width: int) -> None:
+        super().__init__()
+        self.mean = nn.Parameter(torch.zeros(1, channels, height, width))
+        self.log_sigma = nn.Parameter(torch.zeros(1, channels, height, width))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        eps = (x - self.mean) * torch.exp(-self.log_sigma)
+        return eps, _batch_logdet(-self.log_sigma.sum(), x.shape[0])
+
+    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        z = y * torch.exp(self.log_sigma) + self.mean
+        return z, _batch_logdet(self.log_sigma.sum(), y.shape[0])

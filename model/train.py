@@ -1,0 +1,330 @@
+"""Offline trainer: ``python -m model.train --output runs/fmnist [--resume]``.
+
+Maximises the dequantised log-likelihood (see ``model.glow``) with Adam, linear
+learning-rate warm-up, optional cosine decay, gradient-norm clipping and an
+exponential moving average (EMA) of the weights, which is what gets evaluated and
+exported. ActNorm is initialised once, from the first batch of a fresh run.
+
+The run folder holds ``state.safetensors`` + ``state.json`` (model, EMA, optimiser,
+step: everything ``--resume`` needs to continue exactly, since the data order and
+the dequantisation noise are derived from (seed, step)) and ``log.jsonl`` (the
+training curve). A state is written every ``--checkpoint-minutes``, at the end and
+on SIGINT/SIGTERM. A non-finite loss skips its step with a message.
+
+Several processes (``torchrun --nproc-per-node N -m model.train ...``) train with
+DistributedDataParallel: each rank takes every N-th batch of the shared order; only
+rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from model.checkpoint import CheckpointError, read_tensors, save_tensors, write_json
+from model.data import FASHION_MNIST_DIR, fingerprint, load_images, split_validation
+from model.evaluate import bits_per_dim
+from model.glow import Glow, GlowConfig
+
+STATE_FILE = "state.safetensors"
+LOG_FILE = "log.jsonl"
+MAX_BAD_STEPS = 20  # consecutive non-finite losses before the run stops
+
+
+@dataclass
+class TrainSettings:
+    """Optimisation settings; may change on --resume (the architecture may not)."""
+
+    batch_size: int = 64  # images per step and process
+    lr: float = 1e-3  # peak Adam learning rate
+    warmup_steps: int = 500  # linear warm-up from 0 to lr
+    schedule: str = "constant"  # "constant" or "cosine" (to min_lr_ratio * lr at max_steps)
+    min_lr_ratio: float = 0.05
+    max_steps: int = 100_000  # stop after this many optimiser steps
+    grad_clip: float = 50.0  # max global gradient norm (0: off)
+    ema_decay: float = 0.999  # weight EMA used for evaluation/export (0: off, the live weights)
+    seed: int = 0
+    eval_minutes: float = 10.0  # validation bits/dim every this many minutes
+    checkpoint_minutes: float = 5.0
+
+
+def learning_rate(step: int, s: TrainSettings) -> float:
+    """Warm-up then constant or cosine learning rate for optimiser step ``step`` (0-based)."""
+    if step < s.warmup_steps:
+        return s.lr * (step + 1) / s.warmup_steps
+    if s.schedule == "cosine":
+        progress = min(1.0, (step - s.warmup_steps) / max(1, s.max_steps - s.warmup_steps))
+        return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return s.lr
+
+
+def select_device(name: str) -> torch.device:
+    """"auto" -> CUDA when present, else CPU; "cuda" without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def batch_indices(n_train: int, batch_size: int, step: int, seed: int, rank: int, world: int) -> torch.Tensor:
+    """Indices of the batch this rank trains on at ``step``: an epoch-wise permutation seeded by (seed, epoch)."""
+    per_epoch = n_train // (batch_size * world)
+    if per_epoch < 1:
+        raise SystemExit(f"{n_train} training images are fewer than one batch of {batch_size * world}")
+    epoch, position = divmod(step, per_epoch)
+    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    start = (position * world + rank) * batch_size
+    return order[start : start + batch_size]
+
+
+def step_noise(shape: torch.Size, step: int, seed: int, rank: int) -> torch.Tensor:
+    """Dequantisation noise u ~ U[0, 1) for one step, reproducible from (seed, step, rank)."""
+    generator = torch.Generator().manual_seed(((seed * 7_919 + rank) << 32) + step)
+    return torch.rand(shape, generator=generator)
+
+
+class EMA:
+    """Exponential moving average of a model's floating-point state (parameters and buffers).
+
+    The decay at update t is min(decay, (1 + t) / (10 + t)), so early averages are not
+    dominated by the initial weights.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for name, value in model.state_dict().items():
+            if value.is_floating_point() and decay > 0:
+                self.shadow[name].lerp_(value, 1 - decay)
+            else:
+                self.shadow[name].copy_(value)
+
+
+def save_state(path: Path, model: Glow, ema: EMA, optimizer: torch.optim.Optimizer, info: dict[str, Any]) -> None:
+    """Write the whole training state as safetensors (tensors) + JSON (the rest); no pickle."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.shadow.items()})
+    optim = optimizer.state_dict()
+    for index, state in optim["state"].items():
+        for key, value in state.items():
+            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value)
+    if not all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point()):
+        raise RuntimeError("refusing to write a training state with NaN or infinite values")
+    groups = [{k: v for k, v in g.items()} for g in optim["param_groups"]]
+    save_tensors(path, tensors, {"format": "glow-train-state/1"})
+    write_json(path.with_suffix(".json"), {**info, "param_groups": groups})
+
+
+def load_state(path: Path, model: Glow, ema: EMA, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore what :func:`save_state` wrote; returns its JSON part."""
+    try:
+        info = json.loads(path.with_suffix(".json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path.with_suffix('.json')}: unreadable training state: {exc}") from None
+    tensors, _ = read_tensors(path)
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    ema.shadow = {k[4:]: v.to(model.device) for k, v in tensors.items() if k.startswith("ema.")}
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+    return info
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n\n")[0])
+    data = p.add_argument_group("data")
+    data.add_argument("--train", type=Path, default=FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz",
+                      help="training images: IDX (.gz or raw), .npz with 'images', or a folder of PNG/JPEG")
+    data.add_argument("--val-count", type=int, default=5000,
+                      help="the last N training images are held out for validation and calibration")
+    data.add_argument("--dataset-name", default="fashion-mnist")
+    arch = p.add_argument_group("architecture (fixed at the start of a run)")
+    arch.add_argument("--levels", type=int, default=2)
+    arch.add_argument("--steps", type=int, default=16, help="flow steps per level (K)")
+    arch.add_argument("--hidden", type=int, default=64, help="coupling network width")
+    arch.add_argument("--n-bits", type=int, default=8)
+    opt = p.add_argument_group("optimisation")
+    defaults = TrainSettings()
+    for name, value in asdict(defaults).items():
+        flag = "--" + name.replace("_", "-")
+        opt.add_argument(flag, type=type(value), default=None, help=f"default {value}")
+    p.add_argument("--epochs", type=float, default=None, help="alternative to --max-steps")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--output", type=Path, required=True, help="run folder (state, log)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output exactly")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = select_device(args.device)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lead = rank == 0
+    state_path = args.output / STATE_FILE
+
+    images = load_images(args.train)
+    train_images, val_images = split_validation(images, args.val_count)
+    train_data = torch.from_numpy(train_images)
+
+    info: dict[str, Any] = {}
+    if args.resume:
+        if not state_path.is_file():
+            raise SystemExit(f"--resume: no training state at {state_path}")
+        info = json.loads(state_path.with_suffix(".json").read_text())
+        config = GlowConfig.from_dict(info["config"])
+        settings = TrainSettings(**info["settings"])
+    else:
+        config = GlowConfig(tuple(train_images.shape[1:]), args.levels, args.steps, args.hidden, args.n_bits)
+        settings = TrainSettings()
+    for name in asdict(settings):
+        if getattr(args, name) is not None:
+            setattr(settings, name, getattr(args, name))
+    if args.epochs is not None:
+        settings.max_steps = int(args.epochs * (len(train_data) // (settings.batch_size * world)))
+    if tuple(train_images.shape[1:]) != config.image_shape:
+        raise SystemExit(f"{args.train}: images are {train_images.shape[1:]}, the run's model needs {config.image_shape}")
+
+    torch.manual_seed(settings.seed)
+    model = Glow(config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    ema = EMA(model, settings.ema_decay)
+    step, wall_time = 0, 0.0
+    if args.resume:
+        info = load_state(state_path, model, ema, optimizer)
+        step, wall_time = int(info["step"]), float(info["wall_time_s"])
+        if info.get("dataset_sha256") != fingerprint([args.train]):
+            print(f"warning: {args.train} differs from the data the run started on", file=sys.stderr)
+    else:
+        first = train_data[batch_indices(len(train_data), settings.batch_size, 0, settings.seed, 0, 1)]
+        model.initialize(first.to(device), torch.Generator(device=device).manual_seed(settings.seed))
+        ema = EMA(model, settings.ema_decay)
+    train_model: nn.Module = model
+    if world > 1:
+        train_model = nn.parallel.DistributedDataParallel(model)
+
+    command = " ".join(["python -m model.train", *(argv if argv is not None else sys.argv[1:])])
+    stop = {"signal": None}
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        stop["signal"] = signum
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    args.output.mkdir(parents=True, exist_ok=True)
+    log = (args.output / LOG_FILE).open("a") if lead else None
+
+    def write_log(record: dict[str, Any]) -> None:
+        if log is not None:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+
+    def checkpoint() -> None:
+        if lead:
+            save_state(state_path, model, ema, optimizer, {
+                "step": step, "wall_time_s": wall_time, "config": config.to_dict(),
+                "settings": asdict(settings), "dataset_name": args.dataset_name,
+                "dataset_sha256": fingerprint([args.train]), "val_count": args.val_count,
+                "command": info.get("command", command), "world_size": world,
+                "device": str(device), "threads": torch.get_num_threads(),
+            })
+
+    def evaluate() -> None:
+        evaluation = Glow(config).to(device)
+        evaluation.load_state_dict(ema.shadow)
+        result = bits_per_dim(evaluation.eval(), val_images, seed=settings.seed)
+        write_log({"step": step, "wall_time_s": round(wall_time, 1), "val_bpd": result.dequantized,
+                   "val_bpd_bin_centre": result.bin_centre})
+        bar.write(f"step {step}: val {result.dequantized:.4f} bits/dim (bin centre {result.bin_centre:.4f})")
+
+    bar = tqdm(total=settings.max_steps, initial=step, disable=args.quiet or not lead, unit="step",
+               dynamic_ncols=True, smoothing=0.05)
+    model.train()
+    started = time.monotonic() - wall_time
+    last_eval = last_save = time.monotonic()
+    bad_steps, running, window_images, window_start = 0, None, 0, time.monotonic()
+    while step < settings.max_steps and stop["signal"] is None:
+        index = batch_indices(len(train_data), settings.batch_size, step, settings.seed, rank, world)
+        batch = train_data[index].to(device)
+        noise = step_noise(batch.shape, step, settings.seed, rank).to(device)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, settings)
+        loss = model.bits_per_dim(train_model(batch, noise)).mean()
+        if not torch.isfinite(loss):
+            bad_steps += 1
+            bar.write(f"step {step}: non-finite loss ({loss.item()}), step skipped")
+            if bad_steps >= MAX_BAD_STEPS:
+                raise SystemExit(f"{bad_steps} non-finite losses in a row: stopping without saving")
+            step += 1
+            continue
+        bad_steps = 0
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if settings.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        optimizer.step()
+        ema.update(model, step)
+        step += 1
+        wall_time = time.monotonic() - started
+        value = loss.item()
+        running = value if running is None else 0.98 * running + 0.02 * value
+        window_images += len(batch) * world
+        if step % 50 == 0:
+            rate = window_images / (time.monotonic() - window_start)
+            bar.set_postfix(bpd=f"{running:.3f}", img_s=f"{rate:.0f}", lr=f"{learning_rate(step, settings):.1e}")
+            write_log({"step": step, "wall_time_s": round(wall_time, 1), "train_bpd": running, "images_per_s": rate})
+            window_images, window_start = 0, time.monotonic()
+        bar.update(1)
+        now = time.monotonic()
+        if lead and now - last_eval > settings.eval_minutes * 60:
+            evaluate()
+            last_eval = time.monotonic()
+        if now - last_save > settings.checkpoint_minutes * 60:
+            checkpoint()
+            last_save = time.monotonic()
+    bar.close()
+    checkpoint()
+    if lead:
+        if stop["signal"] is None:
+            evaluate()
+        reason = f"signal {stop['signal']}" if stop["signal"] is not None else f"max_steps {settings.max_steps}"
+        print(f"stopped at step {step} ({reason}); state in {state_path}")
+        log.close()
+    if world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
