@@ -10,7 +10,6 @@ validation split's anomaly scores as the calibration reference, and writes
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 from pathlib import Path
@@ -20,18 +19,18 @@ import torch
 
 from model.anomaly import METHOD, REFERENCE_KEY, anomaly_score
 from model.card import write_card
-from model.checkpoint import parameter_count, read_tensors, save_checkpoint
+from model.checkpoint import parameter_count, read_sidecar, read_tensors, save_checkpoint
 from model.data import fingerprint, load_images, split_validation
 from model.evaluate import bits_per_dim
 from model.glow import Glow, GlowConfig
-from model.train import LOG_FILE, STATE_FILE
+from model.train import LOG_FILE, STATE_FILE, read_state_info
 
 TRAIN_SUBSET = 10_000  # training images scored for the card's train bits/dim
 
 
 def load_run(run: Path, weights: str = "ema") -> tuple[Glow, dict[str, Any]]:
     """The model of a run folder (its EMA weights by default) and the state's JSON."""
-    info = json.loads((run / STATE_FILE).with_suffix(".json").read_text())
+    info = read_state_info(run / STATE_FILE)
     tensors, _ = read_tensors(run / STATE_FILE)
     model = Glow(GlowConfig.from_dict(info["config"]))
     prefix = f"{weights}."
@@ -99,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     weights = save_checkpoint(model, args.output, meta, {REFERENCE_KEY: reference})
-    write_card(model, json.loads(weights.with_suffix(".json").read_text()), args.output, args.run / LOG_FILE)
+    write_card(model, read_sidecar(weights.with_suffix(".json")), args.output, args.run / LOG_FILE)
     print(
         f"wrote {weights} ({parameter_count(model):,} parameters): test {test.dequantized:.4f} bits/dim "
         f"(bin centre {test.bin_centre:.4f}), val {val.dequantized:.4f}, train {train.dequantized:.4f}"

@@ -36,7 +36,7 @@ from torch import nn
 from tqdm import tqdm
 
 from model.checkpoint import CheckpointError, read_tensors, save_tensors, write_json
-from model.data import FASHION_MNIST_DIR, fingerprint, load_images, split_validation
+from model.data import FASHION_MNIST_DIR, DataError, fingerprint, load_images, split_validation
 from model.evaluate import bits_per_dim
 from model.glow import Glow, GlowConfig
 
@@ -134,12 +134,17 @@ def save_state(path: Path, model: Glow, ema: EMA, optimizer: torch.optim.Optimiz
     write_json(path.with_suffix(".json"), {**info, "param_groups": groups})
 
 
-def load_state(path: Path, model: Glow, ema: EMA, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore what :func:`save_state` wrote; returns its JSON part."""
+def read_state_info(path: Path) -> dict[str, Any]:
+    """The JSON part of a training state."""
     try:
-        info = json.loads(path.with_suffix(".json").read_text())
+        return json.loads(path.with_suffix(".json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path.with_suffix('.json')}: unreadable training state: {exc}") from None
+
+
+def load_state(path: Path, model: Glow, ema: EMA, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore what :func:`save_state` wrote; returns its JSON part."""
+    info = read_state_info(path)
     tensors, _ = read_tensors(path)
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     ema.shadow = {k[4:]: v.to(model.device) for k, v in tensors.items() if k.startswith("ema.")}
@@ -180,7 +185,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    """Entry point: a bad input file or state ends the run with one line and exit code 2."""
+    try:
+        return train(parse_args(argv), argv)
+    except (DataError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def train(args: argparse.Namespace, argv: list[str] | None) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     device = select_device(args.device)
@@ -202,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume:
         if not state_path.is_file():
             raise SystemExit(f"--resume: no training state at {state_path}")
-        info = json.loads(state_path.with_suffix(".json").read_text())
+        info = read_state_info(state_path)
         config = GlowConfig.from_dict(info["config"])
         settings = TrainSettings(**info["settings"])
     else:

@@ -1,0 +1,142 @@
+"""The trainer on a tiny synthetic data set: learning, exact resume, bad inputs, DDP, export."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model import train as trainer
+from model.checkpoint import load_checkpoint
+from model.export import load_run
+from model.export import main as export_main
+from model.glow import Glow
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def synthetic_images(n: int = 192, seed: int = 0) -> np.ndarray:
+    """Blurry bright squares on black, 8x8: a distribution a tiny flow can learn quickly."""
+    rng = np.random.default_rng(seed)
+    images = np.zeros((n, 8, 8), dtype=np.uint8)
+    for i in range(n):
+        top, left = rng.integers(0, 4, size=2)
+        images[i, top : top + 4, left : left + 4] = rng.integers(150, 256)
+    return images
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "images.npz"
+    np.savez(path, images=synthetic_images())
+    return path
+
+
+def run_args(data: Path, output: Path, *extra: str) -> list[str]:
+    return ["--train", str(data), "--val-count", "32", "--steps", "1", "--hidden", "8", "--batch-size", "16",
+            "--warmup-steps", "5", "--lr", "0.005", "--output", str(output), "--quiet", "--threads", "1", *extra]
+
+
+def val_records(output: Path) -> list[dict]:
+    records = [json.loads(line) for line in (output / trainer.LOG_FILE).read_text().splitlines()]
+    return [r for r in records if "val_bpd" in r]
+
+
+def test_a_few_steps_lower_the_validation_loss(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert trainer.main(run_args(data, out, "--max-steps", "0")) == 0
+    assert trainer.main(run_args(data, out, "--max-steps", "60", "--resume")) == 0
+    first, last = val_records(out)[0], val_records(out)[-1]
+    assert (first["step"], last["step"]) == (0, 60)
+    assert last["val_bpd"] < first["val_bpd"] - 0.5, (first, last)
+    info = json.loads((out / "state.json").read_text())
+    assert info["step"] == 60 and info["config"]["image_shape"] == [1, 8, 8]
+
+
+def test_resume_continues_exactly(data: Path, tmp_path: Path) -> None:
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert trainer.main(run_args(data, straight, "--max-steps", "16")) == 0
+    assert trainer.main(run_args(data, split, "--max-steps", "7")) == 0
+    assert json.loads((split / "state.json").read_text())["step"] == 7
+    assert trainer.main(run_args(data, split, "--max-steps", "16", "--resume")) == 0
+    for weights in ("model", "ema"):
+        a, _ = load_run(straight, weights)
+        b, _ = load_run(split, weights)
+        for (name, left), right in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(left, right), f"{weights}.{name} differs after resume"
+
+
+def test_resume_without_a_state_is_refused(data: Path, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="no training state"):
+        trainer.main(run_args(data, tmp_path / "empty", "--resume"))
+
+
+def test_non_finite_losses_skip_steps_and_never_save(data: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Glow, "forward", lambda self, x, noise=None: torch.full((x.shape[0],), float("nan")))
+    with pytest.raises(SystemExit, match="non-finite losses in a row"):
+        trainer.main(run_args(data, tmp_path / "nan", "--max-steps", "50"))
+    assert not (tmp_path / "nan" / trainer.STATE_FILE).exists()
+
+
+def test_corrupt_training_data_gives_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "train-images-idx3-ubyte.gz"
+    header = (2051).to_bytes(4, "big") + (10).to_bytes(4, "big") + (8).to_bytes(4, "big") * 2
+    bad.write_bytes(gzip.compress(header + bytes(100)))
+    assert trainer.main(run_args(bad, tmp_path / "run")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and str(bad) in err and "truncated" in err and "\n" not in err
+
+
+def test_learning_rate_warms_up_then_decays() -> None:
+    s = trainer.TrainSettings(lr=1e-3, warmup_steps=10, schedule="cosine", max_steps=110, min_lr_ratio=0.1)
+    assert trainer.learning_rate(0, s) == pytest.approx(1e-4)
+    assert trainer.learning_rate(9, s) == pytest.approx(1e-3)
+    assert trainer.learning_rate(60, s) == pytest.approx(0.55e-3)
+    assert trainer.learning_rate(110, s) == pytest.approx(1e-4)
+    assert trainer.learning_rate(60, trainer.TrainSettings(lr=1e-3, warmup_steps=10)) == 1e-3
+
+
+def test_batches_of_ranks_partition_each_epoch() -> None:
+    per_epoch = [trainer.batch_indices(64, 8, step, 0, rank, 2) for step in range(4) for rank in range(2)]
+    assert sorted(torch.cat(per_epoch).tolist()) == list(range(64))
+    assert torch.equal(trainer.batch_indices(64, 8, 1, 0, 0, 1), trainer.batch_indices(64, 8, 1, 0, 0, 1))
+    assert not torch.equal(trainer.batch_indices(64, 8, 0, 0, 0, 1), trainer.batch_indices(64, 8, 8, 0, 0, 1))
+
+
+def test_two_gloo_processes_train_with_ddp(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "model.train", *run_args(data, out, "--max-steps", "4", "--device", "cpu")],
+        env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    info = json.loads((out / "state.json").read_text())
+    assert info["step"] == 4 and info["world_size"] == 2
+
+
+def test_export_writes_a_verified_checkpoint_and_card(data: Path, tmp_path: Path) -> None:
+    run, shipped = tmp_path / "run", tmp_path / "shipped"
+    assert trainer.main(run_args(data, run, "--max-steps", "60")) == 0
+    assert export_main(["--run", str(run), "--train", str(data), "--test", str(data), "--output", str(shipped)]) == 0
+    checkpoint = load_checkpoint(shipped)
+    metrics = checkpoint.meta["metrics"]
+    assert checkpoint.meta["training"]["steps"] == 60
+    assert checkpoint.calibration["val_anomaly_score"].shape == (32,)
+    torch.testing.assert_close(checkpoint.calibration["val_anomaly_score"].mean().item(),
+                               metrics["val_bits_per_dim_bin_centre"], rtol=1e-6, atol=0)
+    assert metrics["test_bits_per_dim"] >= metrics["test_bits_per_dim_bin_centre"] - 0.5
+    ema, _ = load_run(run)
+    assert all(torch.equal(a, b) for a, b in zip(ema.state_dict().values(), checkpoint.model.state_dict().values()))
+    for name in ("README.md", "samples.png", "training-curve.png"):
+        assert (shipped / name).is_file(), name
+    assert f"{metrics['test_bits_per_dim']:.4f}" in (shipped / "README.md").read_text()
