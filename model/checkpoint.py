@@ -66,6 +66,7 @@ def _atomic_write(path: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; checkpoints are read by other users (containers)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
