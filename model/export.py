@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from model.anomaly import METHOD, REFERENCE_KEY, anomaly_score
+from model.anomaly import calibrate
+from model.calibrate import anomaly_meta
 from model.card import write_card
 from model.checkpoint import parameter_count, read_sidecar, read_tensors, save_checkpoint
 from model.data import fingerprint, load_images, split_validation
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     test = bits_per_dim(model, test_images, seed=args.seed)
     val = bits_per_dim(model, val_images, seed=args.seed)
     train = bits_per_dim(model, train_images[:TRAIN_SUBSET], seed=args.seed)
-    _, reference = anomaly_score(model, torch.as_tensor(val_images).to(model.device))
+    calibration = calibrate(model, torch.as_tensor(val_images))
     steps = int(info["step"])
     per_epoch = len(train_images) // (info["settings"]["batch_size"] * info.get("world_size", 1))
     meta = {
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             "train_files": fingerprint([args.train]),
             "test_files": fingerprint([args.test]),
             "validation": f"the last {info['val_count']} training images, held out from training",
+            "val_count": info["val_count"],
         },
         "metrics": {
             "test_bits_per_dim": test.dequantized,
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             "train_images_scored": train.images,
             "dequantization_seed": args.seed,
         },
-        "anomaly": {"method": METHOD, "reference": "validation split", "reference_size": len(val_images)},
+        "anomaly": anomaly_meta(info["val_count"]),
         "training": {
             "command": info["command"],
             "steps": steps,
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             "weights": "exponential moving average",
         },
     }
-    weights = save_checkpoint(model, args.output, meta, {REFERENCE_KEY: reference})
+    weights = save_checkpoint(model, args.output, meta, calibration)
     write_card(model, read_sidecar(weights.with_suffix(".json")), args.output, args.run / LOG_FILE)
     print(
         f"wrote {weights} ({parameter_count(model):,} parameters): test {test.dequantized:.4f} bits/dim "

@@ -186,11 +186,15 @@ class Glow(nn.Module):
         noise=None scores the bin centres (deterministic, for inference); pass
         u ~ U[0, 1)^D of x's shape to get the dequantised training objective.
         """
+        return self.log_prob_and_latents(x, noise)[0]
+
+    def log_prob_and_latents(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+        """:meth:`log_prob` and the eps of every level, from the same pass."""
         latents, logdet = self.flow_forward(self.to_continuous(x, noise))
         log_normal = sum(
             (-0.5 * (eps**2 + math.log(2 * math.pi))).flatten(1).sum(1) for eps in latents
         )
-        return log_normal + logdet - self.config.dims * self.config.n_bits * math.log(2)
+        return log_normal + logdet - self.config.dims * self.config.n_bits * math.log(2), latents
 
     def forward(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
         """Same as :meth:`log_prob` (so DistributedDataParallel can wrap the training objective)."""

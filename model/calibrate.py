@@ -1,0 +1,55 @@
+"""Re-calibrate a checkpoint's anomaly score: ``python -m model.calibrate --weights DIR --train PATH``.
+
+Recomputes the calibration tensors (see ``model.anomaly``) from the checkpoint's
+validation split (the last ``val_count`` training images, as recorded when it was
+trained) and rewrites the checkpoint with the same weights and metadata. Used when
+the scoring method changes without retraining; ``model.export`` calls the same code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.anomaly import METHOD, calibrate
+from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from model.data import DataError, load_images, split_validation
+from model.glow import Glow
+
+
+def anomaly_meta(val_count: int) -> dict[str, Any]:
+    return {"method": METHOD, "reference": f"validation split (last {val_count} training images): "
+            "first half fits the detectors, second half is the reference", "reference_size": val_count - val_count // 2}
+
+
+def calibration_for(model: Glow, train_path: Path, val_count: int) -> dict[str, torch.Tensor]:
+    _, val = split_validation(load_images(train_path), val_count)
+    return calibrate(model, torch.as_tensor(val))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m model.calibrate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--weights", type=Path, required=True, help="checkpoint folder")
+    p.add_argument("--train", type=Path, required=True, help="the training images the checkpoint was trained on")
+    p.add_argument("--val-count", type=int, default=None, help="default: the checkpoint's recorded split")
+    args = p.parse_args(argv)
+    try:
+        checkpoint = load_checkpoint(args.weights)
+        val_count = args.val_count or int(checkpoint.meta["dataset"]["val_count"])
+        calibration = calibration_for(checkpoint.model, args.train, val_count)
+    except (CheckpointError, DataError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    meta = {k: v for k, v in checkpoint.meta.items()}
+    meta["anomaly"] = anomaly_meta(val_count)
+    save_checkpoint(checkpoint.model, checkpoint.weights_path.parent, meta, calibration)
+    print(f"recalibrated {checkpoint.weights_path}: {METHOD}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

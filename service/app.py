@@ -1,0 +1,101 @@
+"""``create_app(settings)``: the FastAPI app of one checkpoint, with its lifespan, errors and middleware.
+
+The lifespan loads the checkpoint (unless the runner given was loaded beforehand, as
+``python -m service`` does so that a bad checkpoint stops it before it listens),
+warms the model up and starts the batchers; only then does ``/readyz`` answer 200.
+On shutdown readiness turns 503, new work is refused with 503, and everything queued
+or running is answered before the lifespan ends.
+
+Every error is JSON ``{"detail": ...}`` with the contract's status code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
+
+from service.batcher import Closed, DeadlineExceeded, Overloaded
+from service.imaging import ImageError
+from service.metrics import Metrics
+from service.middleware import BodyLimitMiddleware, BodyTooLarge, RequestContextMiddleware
+from service.routes import RETRY_AFTER_S, ClientDisconnected, router
+from service.runner import ModelRunner
+from service.schemas import describe_errors
+from service.settings import Settings
+from service.state import ServiceState
+
+DESCRIPTION = """Exact log-likelihoods, anomaly scores, samples, latents and decodings of images under a
+Glow normalizing flow. Images travel as PNG or JPEG, as multipart `images` parts or JSON
+base64 strings; errors are `{"detail": "..."}`; every response carries `X-Request-ID`."""
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away; never reaches the client
+
+
+def create_app(settings: Settings, runner: ModelRunner | None = None) -> FastAPI:
+    """The app serving ``settings.weights`` (or the given runner's checkpoint)."""
+    runner = runner or ModelRunner(settings.weights, settings.device, settings.anomaly_fpr)
+    metrics = Metrics(settings.max_batch_size)
+    state = ServiceState(settings, runner, metrics)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            await state.start()
+            yield
+        finally:
+            await state.stop()
+
+    app = FastAPI(title="Glow service", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.service = state
+    app.include_router(router)
+    add_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost: sees every response
+    return app
+
+
+def detail(status: int, message: str, retry_after: str | None = None) -> JSONResponse:
+    headers = {"Retry-After": retry_after} if retry_after is not None else None
+    return JSONResponse({"detail": message}, status_code=status, headers=headers)
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Map the service's exceptions to the contract's status codes."""
+
+    async def image_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ImageError)
+        return detail(exc.status_code, str(exc))
+
+    async def overloaded(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, Overloaded)
+        return detail(503, f"{exc}; retry later", retry_after=str(exc.retry_after_s))
+
+    async def closed(_: Request, exc: Exception) -> Response:
+        return detail(503, f"{exc}; retry later or elsewhere", retry_after=RETRY_AFTER_S)
+
+    async def deadline(_: Request, exc: Exception) -> Response:
+        return detail(504, f"{exc}; the server is busy, retry later")
+
+    async def too_large(_: Request, exc: Exception) -> Response:
+        return detail(413, str(exc))
+
+    async def invalid(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        return detail(422, describe_errors(exc.errors()))
+
+    async def disconnected(_: Request, __: Exception) -> Response:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+    app.add_exception_handler(ImageError, image_error)
+    app.add_exception_handler(Overloaded, overloaded)
+    app.add_exception_handler(Closed, closed)
+    app.add_exception_handler(DeadlineExceeded, deadline)
+    app.add_exception_handler(BodyTooLarge, too_large)
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(ClientDisconnected, disconnected)
+    app.add_exception_handler(ClientDisconnect, disconnected)

@@ -1,0 +1,133 @@
+"""PNG/JPEG bytes and base64 text <-> uint8 pixel arrays (C, H, W), with the checks of the contract.
+
+Decoding untrusted bytes only ever raises an :class:`ImageError` whose ``status_code``
+is the contract's: 400 undecodable, 413 too large (Pillow's decompression-bomb guard,
+kept as it is), 422 the wrong size (unless resizing). An image of another mode is
+converted to the model's (L for one channel, RGB for three).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+FORMATS = ("PNG", "JPEG")
+MODES = {1: "L", 3: "RGB"}  # channels -> Pillow mode
+MAX_RESIZE_PIXELS = 4096 * 4096  # largest image resize=true decodes (a bound on work per image)
+GRID_PADDING = 2  # pixels between the tiles of a sample grid
+
+
+class ImageError(ValueError):
+    """An image the service refuses; ``status_code`` is the HTTP status of the refusal."""
+
+    status_code = 400
+
+
+class UndecodableImage(ImageError):
+    status_code = 400
+
+
+class ImageTooLarge(ImageError):
+    status_code = 413
+
+
+class WrongImageSize(ImageError):
+    status_code = 422
+
+
+def mode_of(channels: int) -> str:
+    """The Pillow mode of images with ``channels`` channels."""
+    if channels not in MODES:
+        raise ValueError(f"only 1- and 3-channel images are supported, not {channels}")
+    return MODES[channels]
+
+
+def decode_image(data: bytes, shape: tuple[int, int, int], resize: bool = False) -> np.ndarray:
+    """PNG or JPEG bytes -> uint8 pixels of ``shape`` (C, H, W), or ImageError."""
+    channels, height, width = shape
+    try:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as image:
+            size = image.size
+            if size[0] * size[1] > Image.MAX_IMAGE_PIXELS:  # where Pillow only warns
+                raise ImageTooLarge(
+                    f"image of {size[0]}x{size[1]} pixels exceeds the decompression-bomb limit of"
+                    f" {Image.MAX_IMAGE_PIXELS} pixels"
+                )
+            if size != (width, height):
+                if not resize:
+                    raise WrongImageSize(
+                        f"image is {size[0]}x{size[1]} pixels, the model takes {width}x{height}"
+                        " (width x height); send that size or set resize=true"
+                    )
+                if size[0] * size[1] > MAX_RESIZE_PIXELS:
+                    raise ImageTooLarge(
+                        f"image of {size[0]}x{size[1]} pixels is too large to resize"
+                        f" (at most {MAX_RESIZE_PIXELS} pixels)"
+                    )
+            converted = image.convert(mode_of(channels))
+            if converted.size != (width, height):
+                converted = converted.resize((width, height), Image.Resampling.LANCZOS)
+            pixels = np.asarray(converted, dtype=np.uint8)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"image refused as a decompression bomb: {exc}") from None
+    except UnidentifiedImageError:
+        raise UndecodableImage("not a PNG or JPEG image") from None
+    except Exception as exc:  # whatever Pillow raises on untrusted bytes, the image is undecodable
+        raise UndecodableImage(f"corrupt PNG or JPEG image ({type(exc).__name__}: {exc})") from None
+    return pixels.reshape(height, width, channels).transpose(2, 0, 1).copy()  # (C, H, W)
+
+
+def decode_images(blobs: Sequence[bytes], shape: tuple[int, int, int], resize: bool = False) -> list[np.ndarray]:
+    """Every image of a request, or the ImageError of the first bad one, naming it (images[i])."""
+    arrays = []
+    for index, data in enumerate(blobs):
+        try:
+            arrays.append(decode_image(data, shape, resize))
+        except ImageError as exc:
+            raise type(exc)(f"images[{index}]: {exc}") from None
+    return arrays
+
+
+def from_base64(text: str, index: int) -> bytes:
+    """Standard base64 (padding required, no other characters) -> bytes, or UndecodableImage."""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise UndecodableImage(f"images[{index}]: not valid base64") from None
+
+
+def to_base64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """uint8 pixels (C, H, W), C in {1, 3} -> PNG bytes."""
+    mode_of(pixels.shape[0])
+    hwc = pixels.transpose(1, 2, 0)
+    image = Image.fromarray(np.ascontiguousarray(hwc[:, :, 0] if pixels.shape[0] == 1 else hwc))  # L or RGB
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def grid(images: Sequence[np.ndarray], padding: int = GRID_PADDING) -> np.ndarray:
+    """uint8 images (C, H, W) -> one (C, H', W') image tiling them row by row, ceil(sqrt(n)) per row."""
+    channels, height, width = images[0].shape
+    columns = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    out = np.zeros(
+        (channels, rows * height + (rows + 1) * padding, columns * width + (columns + 1) * padding), dtype=np.uint8
+    )
+    for index, image in enumerate(images):
+        top = padding + (index // columns) * (height + padding)
+        left = padding + (index % columns) * (width + padding)
+        out[:, top : top + height, left : left + width] = image
+    return out

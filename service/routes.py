@@ -1,0 +1,357 @@
+"""The endpoints of the HTTP contract (docs/API.md): request parsing, validation, responses.
+
+Every check happens here, before anything is queued, so one request's bad input never
+reaches a batch it shares with others. Routes hand numpy arrays to the batchers and get
+arrays back; they never touch a tensor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Awaitable
+from dataclasses import asdict
+from typing import Annotated, Any, Literal, TypeVar
+
+import numpy as np
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ValidationError
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from service import imaging
+from service.schemas import (
+    DecodeRequest,
+    DecodeResponse,
+    EncodeResponse,
+    ErrorResponse,
+    Health,
+    ImageScore,
+    ImagesRequest,
+    LogLikelihoodResponse,
+    ModelInfo,
+    Readiness,
+    SampleResponse,
+    describe_errors,
+)
+from service.state import ServiceState
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+MAX_LATENT_ABS = 1e4  # |z| beyond this overflows the inverse flow; under the model z ~ N(0, 1)
+MAX_SEED = 2**64 - 1
+RETRY_AFTER_S = "1"  # while loading or shutting down
+JSON, MULTIPART = "application/json", "multipart/form-data"
+
+ERROR_DESCRIPTIONS = {
+    400: "undecodable body or image",
+    413: "body too large or too many images",
+    415: "unsupported content type",
+    422: "well-formed but invalid values",
+    503: "overloaded (queue full, see Retry-After), not ready or shutting down",
+    504: "timed out in the queue",
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the given error codes, all ``{"detail": ...}``."""
+    return {code: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[code]} for code in codes}
+
+
+IMAGES_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "PNG or JPEG images, as multipart `images` file parts or as JSON base64 strings",
+        "content": {
+            MULTIPART: {
+                "schema": {
+                    "type": "object",
+                    "required": ["images"],
+                    "properties": {
+                        "images": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "one PNG or JPEG file per part",
+                        }
+                    },
+                }
+            },
+            JSON: {"schema": ImagesRequest.model_json_schema()},
+        },
+    }
+}
+DECODE_BODY = {"requestBody": {"required": True, "content": {JSON: {"schema": DecodeRequest.model_json_schema()}}}}
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its answer was ready."""
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+def ready_state(state: Annotated[ServiceState, Depends(get_state)]) -> ServiceState:
+    """The service, or 503 while it is loading or shutting down."""
+    if state.shutting_down:
+        raise HTTPException(
+            503, "the server is shutting down; retry later or elsewhere", headers={"Retry-After": RETRY_AFTER_S}
+        )
+    if not state.ready:
+        raise HTTPException(503, "the model is still loading; retry shortly", headers={"Retry-After": RETRY_AFTER_S})
+    return state
+
+
+StateDep = Annotated[ServiceState, Depends(get_state)]
+ReadyDep = Annotated[ServiceState, Depends(ready_state)]
+ResizeQuery = Annotated[
+    bool, Query(description="resize images of another size to the model's instead of refusing them with 422")
+]
+
+router = APIRouter()
+
+
+# ---------------------------------------------------------------- probes
+@router.get("/healthz", response_model=Health, tags=["probes"], summary="Liveness: 200 while the process lives")
+async def healthz() -> Health:
+    return Health()
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses=errors(503),
+    tags=["probes"],
+    summary="Readiness: 200 once loaded and warmed up, 503 before that and while shutting down",
+)
+async def readyz(_: ReadyDep) -> Readiness:
+    return Readiness()
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text exposition"}},
+    tags=["probes"],
+    summary="Prometheus metrics: requests, latencies, queue waits, batch sizes, queue depths, model info",
+)
+async def metrics(state: StateDep) -> Response:
+    return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/model", response_model=ModelInfo, responses=errors(503), tags=["model"], summary="Model metadata")
+async def model_info(state: ReadyDep) -> ModelInfo:
+    return state.model_info()
+
+
+# -------------------------------------------------------------- inference
+@router.post(
+    "/log-likelihood",
+    response_model=LogLikelihoodResponse,
+    responses=errors(400, 413, 415, 422, 503, 504),
+    openapi_extra=IMAGES_BODY,
+    tags=["inference"],
+    summary="Exact log-likelihood and anomaly score of each image",
+    description="Deterministic (pixels scored at their bin centres); an image's score does not depend on the"
+    " other images of its request or batch. Results come back in input order.",
+)
+async def log_likelihood(request: Request, state: ReadyDep, resize: ResizeQuery = False) -> LogLikelihoodResponse:
+    images = await read_images(request, state, resize)
+    scores = await until_disconnected(request, state.scores.submit(images))
+    return LogLikelihoodResponse(
+        results=[ImageScore(**asdict(score)) for score in scores],
+        anomaly_method=state.runner.scorer.method,
+        threshold=state.runner.scorer.threshold,
+    )
+
+
+@router.get(
+    "/sample",
+    response_model=SampleResponse,
+    responses={
+        200: {"content": {"image/png": {}}, "description": "JSON, or with format=png one PNG grid of the samples"},
+        **errors(422, 503, 504),
+    },
+    tags=["inference"],
+    summary="Draw images from the model",
+)
+async def sample(
+    request: Request,
+    state: ReadyDep,
+    n: Annotated[int, Query(ge=1, description="number of images, at most --max-sample-n")] = 16,
+    temperature: Annotated[
+        float, Query(gt=0, allow_inf_nan=False, description="scale of the prior's standard deviation")
+    ] = 0.7,
+    seed: Annotated[
+        int | None, Query(ge=0, le=MAX_SEED, description="same seed, same images; drawn and returned when absent")
+    ] = None,
+    output: Annotated[
+        Literal["json", "png"], Query(alias="format", description="json: base64 PNGs; png: one PNG grid")
+    ] = "json",
+) -> Response | SampleResponse:
+    limit = state.settings.max_sample_n
+    if n > limit:
+        raise HTTPException(422, f"query parameter 'n': at most {limit} images per request, got {n}")
+    request.state.images = n
+    seed = secrets.randbelow(2**32) if seed is None else seed
+    noise = state.runner.sample_noise(n, temperature, seed)
+    images = await until_disconnected(request, state.samples.submit(list(noise)))
+    if output == "png":
+        png = await asyncio.to_thread(lambda: imaging.encode_png(imaging.grid(images)))
+        return Response(png, media_type="image/png", headers={"X-Seed": str(seed), "X-Temperature": str(temperature)})
+    return SampleResponse(images=await asyncio.to_thread(_png_base64, images), temperature=temperature, seed=seed)
+
+
+@router.post(
+    "/encode",
+    response_model=EncodeResponse,
+    responses=errors(400, 413, 415, 422, 503, 504),
+    openapi_extra=IMAGES_BODY,
+    tags=["inference"],
+    summary="The latent of each image, and its log-likelihood",
+)
+async def encode(request: Request, state: ReadyDep, resize: ResizeQuery = False) -> EncodeResponse:
+    images = await read_images(request, state, resize)
+    encoded = await until_disconnected(request, state.encodings.submit(images))
+    return EncodeResponse(
+        latents=[item.latent.tolist() for item in encoded],
+        latent_dim=state.runner.latent_dim,
+        log_likelihood=[item.log_likelihood for item in encoded],
+    )
+
+
+@router.post(
+    "/decode",
+    response_model=DecodeResponse,
+    responses=errors(400, 413, 415, 422, 503, 504),
+    openapi_extra=DECODE_BODY,
+    tags=["inference"],
+    summary="The image of each latent (decode(encode(png)) gives back the same pixels)",
+)
+async def decode(request: Request, state: ReadyDep) -> DecodeResponse:
+    media = media_type(request)
+    if media != JSON:
+        raise HTTPException(
+            415, f"unsupported content type {media or '(none)'!r}: send application/json {{\"latents\": [[...], ...]}}"
+        )
+    payload = parse_json(DecodeRequest, await request.body())
+    check_count(len(payload.latents), state.settings.max_images_per_request, "latents")
+    request.state.images = len(payload.latents)
+    latents = latents_array(payload.latents, state.runner.latent_dim)
+    images = await until_disconnected(request, state.decodings.submit(list(latents)))
+    return DecodeResponse(images=await asyncio.to_thread(_png_base64, images))
+
+
+# ---------------------------------------------------------------- parsing
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def parse_json(model: type[M], body: bytes) -> M:
+    """A JSON body as ``model``: 400 if it is not JSON, 422 if its values are invalid."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        problems = exc.errors()
+        if any(problem["type"] == "json_invalid" for problem in problems):
+            raise HTTPException(400, f"the body is not valid JSON: {problems[0]['msg']}") from None
+        raise HTTPException(422, describe_errors(problems)) from None
+
+
+def check_count(count: int, limit: int, what: str) -> None:
+    if count > limit:
+        raise HTTPException(413, f"{count} {what} in one request; at most {limit} are accepted")
+
+
+async def read_images(request: Request, state: ServiceState, resize: bool) -> list[np.ndarray]:
+    """The request's images as uint8 arrays of the model's shape, in order, or the contract's 4xx."""
+    limit = state.settings.max_images_per_request
+    media = media_type(request)
+    if media == MULTIPART:
+        blobs = await multipart_images(request, limit)
+    elif media == JSON:
+        payload = parse_json(ImagesRequest, await request.body())
+        check_count(len(payload.images), limit, "images")
+        blobs = [imaging.from_base64(text, index) for index, text in enumerate(payload.images)]
+        resize = resize or payload.resize
+    else:
+        raise HTTPException(
+            415,
+            f"unsupported content type {media or '(none)'!r}: send multipart/form-data with 'images' file parts,"
+            " or application/json {\"images\": [\"<base64 PNG/JPEG>\", ...]}",
+        )
+    request.state.images = len(blobs)
+    return await asyncio.to_thread(imaging.decode_images, blobs, state.runner.image_shape, resize)
+
+
+async def multipart_images(request: Request, limit: int) -> list[bytes]:
+    """The bytes of every ``images`` file part, or the contract's 4xx."""
+    parser = MultiPartParser(request.headers, request.stream(), max_files=limit, max_fields=64)
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        if exc.message.startswith("Too many files"):
+            raise HTTPException(413, f"more than {limit} images in one request; at most {limit} are accepted") from None
+        raise HTTPException(400, f"malformed multipart body: {exc.message}") from None
+    try:
+        parts = form.getlist("images")
+        if not parts:
+            raise HTTPException(
+                422, f"no 'images' parts in the multipart body (found: {sorted(set(form.keys())) or 'nothing'})"
+            )
+        blobs = []
+        for index, part in enumerate(parts):
+            if isinstance(part, str):
+                raise HTTPException(400, f"images[{index}] is a text field; send each image as a file part")
+            blobs.append(await part.read())
+        return blobs
+    finally:
+        await form.close()
+
+
+def latents_array(latents: list[list[float]], latent_dim: int) -> np.ndarray:
+    """(n, latent_dim) float64 from validated JSON numbers, or 422 naming the bad latent."""
+    for index, latent in enumerate(latents):
+        if len(latent) != latent_dim:
+            raise HTTPException(
+                422, f"latents[{index}] has {len(latent)} values; this model's latents have {latent_dim}"
+            )
+    array = np.asarray(latents, dtype=np.float64)
+    bad = ~np.isfinite(array).all(axis=1)
+    if bad.any():
+        raise HTTPException(422, f"latents[{int(np.argmax(bad))}] holds NaN or infinite values")
+    big = np.abs(array).max(axis=1) > MAX_LATENT_ABS
+    if big.any():
+        raise HTTPException(
+            422,
+            f"latents[{int(np.argmax(big))}] holds values beyond +-{MAX_LATENT_ABS:g};"
+            " latents are standard normal under the model",
+        )
+    return array
+
+
+def _png_base64(images: list[np.ndarray]) -> list[str]:
+    return [imaging.to_base64(imaging.encode_png(image)) for image in images]
+
+
+# ------------------------------------------------------------ disconnects
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``; if the client disconnects first, cancel it (dropping what it queued) and raise."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if not task.done():
+        raise ClientDisconnected()
+    return task.result()
+
+
+async def _disconnect(request: Request) -> None:
+    """Return once the client has disconnected (the body was already read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,183 @@
+"""The model on its device: loads the checkpoint and runs batches in one worker thread.
+
+The batch functions take and return numpy arrays and plain numbers, so nothing above
+this module touches a tensor. They run in a single worker thread under
+``torch.inference_mode`` (:meth:`ModelRunner.call`), which keeps the event loop free
+to answer ``/healthz`` and ``/metrics`` while a batch computes, and runs one batch at
+a time on the device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from model.anomaly import AnomalyScorer
+from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from model.glow import Glow
+
+T = TypeVar("T")
+
+
+class DeviceUnavailable(RuntimeError):
+    """The requested device is not present on this machine."""
+
+
+@dataclass(frozen=True)
+class Score:
+    """The log-likelihood endpoint's numbers for one image."""
+
+    log_likelihood: float  # nats of the discrete image
+    bits_per_dim: float
+    anomaly_score: float  # higher = more anomalous
+    percentile: float  # 0..100, share of the reference set scoring lower
+    is_anomaly: bool
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One image's flat latent and its log-likelihood."""
+
+    latent: np.ndarray  # (latent_dim,) float32
+    log_likelihood: float
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else the CPU; ``cuda`` without CUDA -> DeviceUnavailable."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailable("--device cuda: CUDA is not available on this machine (use --device auto or cpu)")
+    return torch.device(name)
+
+
+class ModelRunner:
+    """A checkpoint loaded on a device, with batch functions over numpy arrays."""
+
+    def __init__(self, weights: Path, device: str = "auto", anomaly_fpr: float = 0.01) -> None:
+        self.weights = weights
+        self.requested_device = device
+        self.anomaly_fpr = anomaly_fpr
+        self._checkpoint: Checkpoint | None = None
+        self._scorer: AnomalyScorer | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glow-model")
+
+    # ------------------------------------------------------------- loading
+    def load(self) -> None:
+        """Load and verify the checkpoint (once); CheckpointError or DeviceUnavailable, one line."""
+        if self._checkpoint is not None:
+            return
+        checkpoint = load_checkpoint(self.weights, resolve_device(self.requested_device))
+        try:
+            scorer = AnomalyScorer(checkpoint.model, checkpoint.calibration, fpr=self.anomaly_fpr)
+        except ValueError as exc:
+            raise CheckpointError(f"{checkpoint.weights_path}: unusable anomaly calibration: {exc}") from None
+        self._checkpoint, self._scorer = checkpoint, scorer
+
+    @property
+    def loaded(self) -> bool:
+        return self._checkpoint is not None
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        if self._checkpoint is None:
+            raise RuntimeError("the checkpoint is not loaded")
+        return self._checkpoint
+
+    @property
+    def model(self) -> Glow:
+        return self.checkpoint.model
+
+    @property
+    def scorer(self) -> AnomalyScorer:
+        if self._scorer is None:
+            raise RuntimeError("the checkpoint is not loaded")
+        return self._scorer
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.model.config.image_shape
+
+    @property
+    def latent_dim(self) -> int:
+        return self.model.latent_dim
+
+    @property
+    def parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def device(self) -> str:
+        return str(self.model.device)
+
+    @property
+    def dtype(self) -> str:
+        return str(self.model.dtype).removeprefix("torch.")
+
+    # ------------------------------------------------------------- running
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` in the worker thread under inference mode, without blocking the loop."""
+
+        def run() -> T:
+            with torch.inference_mode():
+                return fn(*args)
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+
+    def close(self) -> None:
+        """Finish the running batch and stop the worker thread."""
+        self._executor.shutdown(wait=True)
+
+    def warm_up(self, max_batch_size: int) -> None:
+        """Run batch 1 and the largest batch through every operation (allocators, kernels, caches)."""
+        for size in sorted({1, max_batch_size}):
+            images = [np.zeros(self.image_shape, dtype=np.uint8)] * size
+            self.score_batch(images)
+            self.encode_batch(images)
+            self.decode_batch(list(self.sample_noise(size, 1.0, seed=0)))
+
+    # ---------------------------------------------- batch functions (worker thread)
+    def _pixels(self, images: list[np.ndarray]) -> torch.Tensor:
+        return torch.from_numpy(np.stack(images)).to(self.model.device)  # (B, C, H, W) uint8
+
+    def score_batch(self, images: list[np.ndarray]) -> list[Score]:
+        """uint8 images (C, H, W) -> their log-likelihoods and anomaly scores."""
+        scores = self.scorer.score(self._pixels(images))
+        return [
+            Score(float(ll), float(bpd), float(score), float(pct), bool(flag))
+            for ll, bpd, score, pct, flag in zip(
+                scores.log_likelihood.tolist(),
+                scores.bits_per_dim.tolist(),
+                scores.anomaly_score.tolist(),
+                scores.percentile.tolist(),
+                scores.is_anomaly.tolist(),
+            )
+        ]
+
+    def encode_batch(self, images: list[np.ndarray]) -> list[Encoded]:
+        """uint8 images (C, H, W) -> flat latents (the layout of ``Glow.encode``) and log-likelihoods."""
+        x = self._pixels(images)
+        latents = self.model.encode(x).float().cpu().numpy()
+        log_likelihood = self.model.log_prob(x).double().cpu().tolist()
+        return [Encoded(latent, float(ll)) for latent, ll in zip(latents, log_likelihood)]
+
+    def decode_batch(self, latents: list[np.ndarray]) -> list[np.ndarray]:
+        """Flat latents (latent_dim,) -> uint8 images (C, H, W)."""
+        z = torch.from_numpy(np.stack(latents)).to(self.model.device)
+        return list(self.model.decode(z).cpu().numpy())
+
+    def sample_noise(self, n: int, temperature: float, seed: int) -> np.ndarray:
+        """The latents ``Glow.sample(n, temperature, seed)`` decodes: (n, latent_dim) float64, on the CPU.
+
+        Drawn per request, so a seed gives the same images whatever else shares the batch.
+        """
+        generator = torch.Generator().manual_seed(seed)
+        z = torch.randn(n, self.latent_dim, generator=generator, dtype=torch.float64)
+        return (z * temperature).numpy()

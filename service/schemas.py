@@ -1,0 +1,131 @@
+"""Pydantic models of every request and response body, so ``/openapi.json`` documents the whole API."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, Strict
+
+LATENT_ORDER = (
+    "the standardised latents of every level, level 1's split first and the top level's last,"
+    " each flattened in (C, H, W) order (latent_shapes lists them); under the model every entry is N(0, 1)"
+)
+
+
+class ErrorResponse(BaseModel):
+    detail: str = Field(description="what is wrong, in words a user can act on")
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    status: Literal["ready"] = "ready"
+
+
+class Batching(BaseModel):
+    max_batch_size: int = Field(description="images per model call")
+    max_wait_ms: float = Field(description="how long a batch waits for more images after its first")
+    max_queue_size: int = Field(description="images waiting per operation before requests get 503")
+
+
+class Limits(BaseModel):
+    max_images_per_request: int
+    max_sample_n: int
+    max_body_bytes: int
+    request_timeout_s: float = Field(description="longest wait in the queue before a 504")
+
+
+class AnomalyInfo(BaseModel):
+    method: str = Field(description="what anomaly_score is")
+    threshold: float = Field(description="anomaly_score above which is_anomaly is true")
+    false_positive_rate: float = Field(description="share of the reference set above the threshold, by design")
+    reference_size: int = Field(description="in-distribution images the percentiles are computed against")
+
+
+class ModelInfo(BaseModel):
+    name: str
+    dataset: str = Field(description="name of the training data set")
+    image_shape: list[int] = Field(description="[C, H, W] of the images the model takes")
+    n_bits: int
+    levels: int
+    steps_per_level: int
+    hidden_channels: int
+    parameters: int
+    test_bits_per_dim: float | None = Field(description="dequantised bits/dim on the test set (null: not measured)")
+    test_bits_per_dim_bin_centre: float | None = Field(
+        description="mean of what /log-likelihood returns as bits_per_dim, on the test set (null: not measured)"
+    )
+    weights_sha256: str
+    device: str
+    dtype: str
+    batching: Batching
+    latent_dim: int = Field(description="C*H*W, the length of every latent")
+    latent_shapes: list[list[int]] = Field(description="[C, H, W] of each level's part of the latent, in order")
+    latent_order: str = Field(LATENT_ORDER, description="how a latent is laid out")
+    anomaly: AnomalyInfo
+    limits: Limits
+
+
+class ImagesRequest(BaseModel):
+    """Images as base64 PNG/JPEG files (the JSON alternative to multipart ``images`` parts)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    images: list[str] = Field(min_length=1, description="base64-encoded PNG or JPEG files")
+    resize: bool = Field(False, description="resize images of another size to the model's instead of refusing them")
+
+
+class ImageScore(BaseModel):
+    log_likelihood: float = Field(description="log P(x) in nats of the discrete 8-bit image (bin centres)")
+    bits_per_dim: float = Field(description="-log P(x) / (D log 2)")
+    anomaly_score: float = Field(description="higher = more anomalous")
+    percentile: float = Field(ge=0, le=100, description="share of the reference set with a lower anomaly_score")
+    is_anomaly: bool = Field(description="anomaly_score above the calibrated threshold")
+
+
+class LogLikelihoodResponse(BaseModel):
+    results: list[ImageScore] = Field(description="one per input image, in input order")
+    anomaly_method: str = Field(description="what anomaly_score is")
+    threshold: float = Field(description="anomaly_score above which is_anomaly is true")
+
+
+class SampleResponse(BaseModel):
+    images: list[str] = Field(description="base64 PNG files")
+    temperature: float
+    seed: int = Field(description="the seed used (drawn when the request gave none): it reproduces these images")
+
+
+class EncodeResponse(BaseModel):
+    latents: list[list[float]] = Field(description=f"one per input image: {LATENT_ORDER}")
+    latent_dim: int
+    log_likelihood: list[float] = Field(description="nats of each image, as /log-likelihood returns")
+
+
+class DecodeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    latents: list[list[Annotated[float, Strict()]]] = Field(
+        min_length=1, description="latents of latent_dim finite numbers each, laid out as /encode returns them"
+    )
+
+
+class DecodeResponse(BaseModel):
+    images: list[str] = Field(description="base64 PNG files, one per latent")
+
+
+def describe_errors(errors: Sequence[Any], limit: int = 5) -> str:
+    """Pydantic/FastAPI validation errors -> one sentence naming each bad field (the first ``limit``)."""
+    problems = []
+    for error in errors[:limit]:
+        location = [str(part) for part in error["loc"] if part != "body"]
+        where = ""
+        if location and location[0] in ("query", "path", "header"):
+            where = f"{location[0]} parameter {'.'.join(location[1:])!r}: "
+        elif location:
+            where = f"{location[0]}{''.join(f'[{p}]' for p in location[1:])}: "
+        problems.append(f"{where}{error['msg']}")
+    more = f" (and {len(errors) - limit} more)" if len(errors) > limit else ""
+    return "; ".join(problems) + more

@@ -1,0 +1,118 @@
+"""Typed, validated settings of the service, read from command-line flags and ``GLOW_*`` variables.
+
+Every field is a flag (``max_batch_size`` -> ``--max-batch-size``) and an environment
+variable (``GLOW_MAX_BATCH_SIZE``); a flag wins over the variable, the variable over the
+default. Values are validated here, before anything is loaded, and a bad one raises
+:class:`SettingsError` with one line naming the flag, the variable and what is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "fashion-mnist"
+ENV_PREFIX = "GLOW_"
+
+
+class SettingsError(ValueError):
+    """A flag or ``GLOW_*`` variable with a bad value; the message is one line."""
+
+
+class Settings(BaseSettings):
+    """How one server process runs: where it listens, which checkpoint, how it batches."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    host: str = Field("127.0.0.1", min_length=1, description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on (0: any free port)")
+    weights: Path = Field(
+        DEFAULT_WEIGHTS,
+        description="checkpoint folder (glow.safetensors + glow.json) or its .safetensors file",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs; auto: CUDA when present")
+    max_batch_size: int = Field(64, ge=1, le=65536, description="images per model call (1 turns batching off)")
+    max_wait_ms: float = Field(
+        5.0, ge=0, le=60_000, allow_inf_nan=False, description="how long a batch waits for more images after its first"
+    )
+    max_queue_size: int = Field(1024, ge=1, description="images waiting per operation before requests get 503")
+    request_timeout_s: float = Field(
+        30.0, gt=0, allow_inf_nan=False, description="how long a request may wait in the queue before a 504"
+    )
+    anomaly_fpr: float = Field(
+        0.01, gt=0, lt=1, description="share of in-distribution images flagged is_anomaly (sets the threshold)"
+    )
+    max_body_bytes: int = Field(16 * 2**20, ge=1024, description="largest request body accepted (413 beyond)")
+    max_images_per_request: int = Field(64, ge=1, description="most images (or latents) in one request (413 beyond)")
+    max_sample_n: int = Field(64, ge=1, description="largest n of GET /sample")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="logging level")
+
+    @field_validator("log_level", "device", mode="before")
+    @classmethod
+    def _lower_case(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _requests_fit_the_queue(self) -> Settings:
+        for name in ("max_images_per_request", "max_sample_n"):
+            if getattr(self, name) > self.max_queue_size:
+                raise ValueError(
+                    f"{flag(name)} ({getattr(self, name)}) exceeds {flag('max_queue_size')} ({self.max_queue_size}):"
+                    " such a request could never be queued"
+                )
+        return self
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None) -> Settings:
+        """Settings from command-line flags over ``GLOW_*`` variables over defaults, or SettingsError."""
+        given = vars(_parser().parse_args(argv))
+        try:
+            return cls(**given)
+        except ValidationError as exc:
+            raise SettingsError(describe(exc)) from None
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a settings field: ``max_batch_size`` -> ``--max-batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
+def describe(exc: ValidationError) -> str:
+    """One line naming each bad setting (flag and variable), its value and what is wrong."""
+    problems = []
+    for error in exc.errors():
+        if error["loc"]:
+            name = str(error["loc"][0])
+            problems.append(f"{flag(name)} / {ENV_PREFIX}{name.upper()}: {error['msg']} (got {error['input']!r})")
+        else:
+            problems.append(str(error["msg"]).removeprefix("Value error, "))
+    return "invalid settings: " + "; ".join(problems)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one SettingsError line instead of printing usage."""
+
+    def error(self, message: str) -> Any:
+        raise SettingsError(f"{message} (see python -m service --help)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    """One flag per settings field; flags left out are absent from the namespace (env and defaults apply)."""
+    parser = _Parser(
+        prog="python -m service",
+        description="Serve a Glow checkpoint over HTTP. Every flag can also be set as GLOW_<FLAG>.",
+        argument_default=argparse.SUPPRESS,
+    )
+    for name, field in Settings.model_fields.items():
+        parser.add_argument(
+            flag(name),
+            dest=name,
+            metavar=name.upper(),
+            help=f"{field.description} (env {ENV_PREFIX}{name.upper()}, default {field.default})",
+        )
+    return parser

@@ -1,0 +1,149 @@
+"""Anomaly scores: deterministic, batch-invariant, calibrated, and separating the obviously different."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.anomaly import CALIBRATION_KEYS, REFERENCE_KEY, AnomalyScorer, calibrate, compressed_bits_per_dim
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.evaluate import detection, synthetic_set
+from model.evaluate import main as evaluate_main
+from model.glow import Glow, GlowConfig
+
+CONFIG = GlowConfig(image_shape=(1, 8, 8), levels=2, steps_per_level=2, hidden_channels=16)
+
+
+def squares(n: int, seed: int) -> torch.Tensor:
+    """Bright squares on black, 8x8: the in-distribution of these tests."""
+    rng = np.random.default_rng(seed)
+    images = np.zeros((n, 1, 8, 8), dtype=np.uint8)
+    for i in range(n):
+        top, left = rng.integers(0, 4, size=2)
+        images[i, 0, top : top + 4, left : left + 4] = rng.integers(150, 256)
+    return torch.from_numpy(images)
+
+
+@pytest.fixture(scope="module")
+def model() -> Glow:
+    """A tiny Glow fitted for a few hundred steps to the squares."""
+    torch.manual_seed(0)
+    glow = Glow(CONFIG)
+    data = squares(512, seed=0)
+    glow.initialize(data[:128])
+    optimizer = torch.optim.Adam(glow.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(150):
+        batch = data[torch.randint(0, len(data), (64,), generator=generator)]
+        loss = glow.bits_per_dim(glow(batch, torch.rand(batch.shape, generator=generator))).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return glow.eval()
+
+
+@pytest.fixture(scope="module")
+def calibration(model: Glow) -> dict[str, torch.Tensor]:
+    return calibrate(model, squares(400, seed=1))
+
+
+def test_calibration_holds_every_key_and_a_reference_from_the_second_half(calibration: dict[str, torch.Tensor]) -> None:
+    assert set(calibration) == set(CALIBRATION_KEYS)
+    assert calibration[REFERENCE_KEY].shape == (200,)
+    assert torch.isfinite(calibration[REFERENCE_KEY]).all()
+    features = calibration["anomaly.energy_mean"].numel()
+    assert calibration["anomaly.energy_precision"].shape == (features, features)
+
+
+def test_scores_are_deterministic_and_batch_invariant(model: Glow, calibration: dict[str, torch.Tensor]) -> None:
+    scorer = AnomalyScorer(model, calibration)
+    x = torch.cat([squares(8, seed=2), synthetic_tensor("uniform", 8)])
+    together = scorer.score(x)
+    again = scorer.score(x)
+    assert torch.equal(together.anomaly_score, again.anomaly_score)
+    for i in range(len(x)):
+        alone = scorer.score(x[i : i + 1])
+        torch.testing.assert_close(alone.anomaly_score, together.anomaly_score[i : i + 1], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(alone.log_likelihood, together.log_likelihood[i : i + 1], rtol=1e-5, atol=0)
+
+
+def synthetic_tensor(name: str, n: int) -> torch.Tensor:
+    return torch.from_numpy(synthetic_set(name, squares(n, seed=9).numpy(), n, seed=3))
+
+
+@pytest.mark.parametrize("name", ["uniform", "gaussian"])
+def test_obviously_different_images_separate(model: Glow, calibration: dict[str, torch.Tensor], name: str) -> None:
+    scorer = AnomalyScorer(model, calibration, fpr=0.05)
+    inside = scorer.score(squares(200, seed=4))
+    outside = scorer.score(synthetic_tensor(name, 200))
+    assert detection(inside.anomaly_score.numpy(), outside.anomaly_score.numpy()).auroc > 0.95
+    assert outside.is_anomaly.double().mean() > 0.9
+    assert inside.is_anomaly.double().mean() < 0.15
+
+
+def test_calibration_round_trips_through_a_checkpoint(model: Glow, calibration: dict[str, torch.Tensor],
+                                                      tmp_path: Path) -> None:
+    save_checkpoint(model, tmp_path, {"name": "t", "dataset": {"name": "squares"}, "metrics": {}}, calibration)
+    loaded = load_checkpoint(tmp_path)
+    x = squares(16, seed=5)
+    before = AnomalyScorer(model, calibration).score(x)
+    after = AnomalyScorer(loaded.model, loaded.calibration).score(x)
+    assert torch.equal(before.anomaly_score, after.anomaly_score)
+    assert torch.equal(before.percentile, after.percentile)
+
+
+def test_percentile_and_threshold_follow_the_reference(model: Glow, calibration: dict[str, torch.Tensor]) -> None:
+    reference = torch.arange(100, dtype=torch.float64)
+    scorer = AnomalyScorer(model, {**calibration, REFERENCE_KEY: reference}, fpr=0.05)
+    assert scorer.percentile(torch.tensor([-1.0, 0.0, 10.0, 10.5, 1000.0])).tolist() == [0.0, 0.0, 10.0, 11.0, 100.0]
+    assert scorer.threshold == 95.0
+    assert (reference > scorer.threshold).double().mean().item() == pytest.approx(0.04)
+    with pytest.raises(ValueError, match="false-positive rate"):
+        AnomalyScorer(model, calibration, fpr=0.0)
+    with pytest.raises(ValueError, match="lacks"):
+        AnomalyScorer(model, {REFERENCE_KEY: reference})
+
+
+def test_scores_stay_finite_for_images_the_model_cannot_score(model: Glow, calibration: dict[str, torch.Tensor],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    scorer = AnomalyScorer(model, calibration)
+    x = squares(2, seed=6)
+    original = Glow.log_prob_and_latents
+
+    def overflowing(self: Glow, images: torch.Tensor, noise: torch.Tensor | None = None):
+        log_prob, latents = original(self, images, noise)
+        return torch.full_like(log_prob, float("nan")), [torch.full_like(e, float("inf")) for e in latents]
+
+    monkeypatch.setattr(Glow, "log_prob_and_latents", overflowing)
+    scores = scorer.score(x)
+    assert torch.isfinite(scores.anomaly_score).all() and scores.is_anomaly.all()
+
+
+def test_compressed_length_is_higher_for_noise_than_for_flat_images() -> None:
+    flat = torch.zeros(2, 1, 8, 8, dtype=torch.uint8)
+    noise = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert (compressed_bits_per_dim(noise) > compressed_bits_per_dim(flat) + 4).all()
+    rgb = torch.randint(0, 256, (1, 3, 8, 8), dtype=torch.uint8)
+    assert compressed_bits_per_dim(rgb).shape == (1,)
+
+
+def test_evaluation_command_prints_a_table_for_every_set(model: Glow, calibration: dict[str, torch.Tensor],
+                                                         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    save_checkpoint(model, tmp_path / "ckpt", {"name": "t", "dataset": {"name": "squares"}, "metrics": {}}, calibration)
+    np.savez(tmp_path / "in.npz", images=squares(64, seed=7).numpy()[:, 0])
+    np.savez(tmp_path / "out.npz", images=synthetic_tensor("uniform", 32).numpy()[:, 0])
+    code = evaluate_main(["--weights", str(tmp_path / "ckpt"), "--in-dist", str(tmp_path / "in.npz"),
+                          "--ood", f"noise={tmp_path / 'out.npz'}", "--synthetic", "constant", "flipped",
+                          "--synthetic-count", "32", "--fpr", "0.05"])
+    assert code == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines() if line.startswith("| ")}
+    assert set(rows) == {"OOD set", "noise", "constant", "flipped"}
+    for name in ("noise", "constant", "flipped"):
+        values = [float(v.strip().rstrip("%")) for v in rows[name]]
+        assert all(0 <= v <= 100 for v in values), (name, values)
+    assert float(rows["noise"][4]) > 0.95  # anomaly-score AUROC for noise
+    assert evaluate_main(["--weights", str(tmp_path / "nowhere"), "--in-dist", str(tmp_path / "in.npz")]) == 2

@@ -1,0 +1,92 @@
+"""The runner: the same numbers as the model itself, in one worker thread under inference mode."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from service_testing import SHAPE, random_pixels
+
+from model.anomaly import AnomalyScorer
+from model.checkpoint import Checkpoint, CheckpointError, save_checkpoint
+from service.runner import DeviceUnavailable, ModelRunner, resolve_device
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_checkpoint: Path) -> Iterator[ModelRunner]:
+    loaded = ModelRunner(tiny_checkpoint, "cpu")
+    loaded.load()
+    yield loaded
+    loaded.close()
+
+
+def test_auto_picks_cuda_when_present() -> None:
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu").type == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present on this machine")
+def test_cuda_without_cuda_is_one_clear_error(tiny_checkpoint: Path) -> None:
+    with pytest.raises(DeviceUnavailable, match="CUDA is not available"):
+        ModelRunner(tiny_checkpoint, "cuda").load()
+
+
+def test_a_checkpoint_without_calibration_is_refused(tmp_path: Path, reference: Checkpoint) -> None:
+    save_checkpoint(reference.model, tmp_path, {"name": "uncalibrated"})
+    with pytest.raises(CheckpointError, match="unusable anomaly calibration: .*lacks"):
+        ModelRunner(tmp_path, "cpu").load()
+
+
+def test_scores_match_the_scorer(runner: ModelRunner, reference_scorer: AnomalyScorer) -> None:
+    images = random_pixels(5, 0)
+    expected = reference_scorer.score(torch.from_numpy(np.stack(images)))
+    scores = runner.score_batch(images)
+    assert [s.log_likelihood for s in scores] == pytest.approx(expected.log_likelihood.tolist(), rel=1e-6)
+    assert [s.percentile for s in scores] == expected.percentile.tolist()
+    assert [s.is_anomaly for s in scores] == expected.is_anomaly.tolist()
+
+
+def test_encode_decode_and_sample_match_the_model(runner: ModelRunner, reference: Checkpoint) -> None:
+    images = random_pixels(3, 1)
+    x = torch.from_numpy(np.stack(images))
+    encoded = runner.encode_batch(images)
+    assert np.allclose(np.stack([e.latent for e in encoded]), reference.model.encode(x).numpy(), atol=1e-5)
+    decoded = runner.decode_batch([e.latent for e in encoded])
+    assert np.array_equal(np.stack(decoded), images)
+    samples = runner.decode_batch(list(runner.sample_noise(4, 0.7, seed=3)))
+    assert np.array_equal(np.stack(samples), reference.model.sample(4, 0.7, seed=3).numpy())
+
+
+async def test_calls_run_in_one_worker_thread_under_inference_mode(runner: ModelRunner) -> None:
+    def where() -> tuple[str, bool]:
+        return threading.current_thread().name, torch.is_inference_mode_enabled()
+
+    name, inference = await runner.call(where)
+    assert name.startswith("glow-model") and inference
+    assert threading.current_thread().name != name
+
+
+def test_warm_up_runs_batch_one_and_the_largest(tiny_checkpoint: Path) -> None:
+    sizes: list[int] = []
+
+    class Recording(ModelRunner):
+        def score_batch(self, images: list[np.ndarray]) -> list:  # type: ignore[type-arg]
+            sizes.append(len(images))
+            return super().score_batch(images)
+
+    recording = Recording(tiny_checkpoint, "cpu")
+    recording.load()
+    recording.warm_up(6)
+    assert sizes == [1, 6]
+    assert recording.image_shape == SHAPE and recording.latent_dim == 784 and recording.dtype == "float32"
+
+
+def test_a_missing_checkpoint_is_one_clear_error(tmp_path: Path) -> None:
+    missing = ModelRunner(tmp_path / "nowhere", "cpu")
+    with pytest.raises(CheckpointError, match="not found"):
+        missing.load()
+    assert not missing.loaded
