@@ -237,8 +237,13 @@ class Glow(nn.Module):
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
         """uint8 images (B, C, H, W) -> flat latents (B, latent_dim), bin centres."""
-        latents, _ = self.flow_forward(self.to_continuous(x))
-        return self._flatten(latents)
+        return self.encode_with_log_prob(x)[0]
+
+    @torch.no_grad()
+    def encode_with_log_prob(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(flat latents, log P(x) in nats) of uint8 images, from one pass through the flow."""
+        log_prob, latents = self.log_prob_and_latents(x)
+        return self._flatten(latents), log_prob
 
     @torch.no_grad()
     def decode(self, z: Tensor) -> Tensor:

@@ -163,9 +163,8 @@ class ModelRunner:
 
     def encode_batch(self, images: list[np.ndarray]) -> list[Encoded]:
         """uint8 images (C, H, W) -> flat latents (the layout of ``Glow.encode``) and log-likelihoods."""
-        x = self._pixels(images)
-        latents = self.model.encode(x).float().cpu().numpy()
-        log_likelihood = self.model.log_prob(x).double().cpu().tolist()
+        z, log_prob = self.model.encode_with_log_prob(self._pixels(images))
+        latents, log_likelihood = z.float().cpu().numpy(), log_prob.double().cpu().tolist()
         return [Encoded(latent, float(ll)) for latent, ll in zip(latents, log_likelihood)]
 
     def decode_batch(self, latents: list[np.ndarray]) -> list[np.ndarray]:

@@ -78,6 +78,8 @@ def test_decode_of_encode_returns_the_same_pixels() -> None:
     z = model.encode(x)
     assert z.shape == (64, model.latent_dim) and z.dtype == torch.float32
     assert torch.equal(model.decode(z), x)
+    z_again, log_prob = model.encode_with_log_prob(x)
+    assert torch.equal(z_again, z) and torch.equal(log_prob, model.log_prob(x))
     extremes = torch.tensor([0, 255], dtype=torch.uint8).repeat(32)[: TINY.dims].reshape(1, *TINY.image_shape)
     assert torch.equal(model.decode(model.encode(extremes)), extremes)
 
