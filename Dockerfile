@@ -12,8 +12,8 @@
 #                    200 MB of wheels instead of the several GB of a CUDA build). For the CUDA
 #                    build give PyTorch's index of one CUDA variant that it publishes for
 #                    TORCH_VERSION (https://download.pytorch.org/whl/cu126, .../cu128, ...), or
-#                    https://pypi.org/simple for PyPI's default Linux wheel, which is a CUDA
-#                    build. The CUDA runtime comes inside those wheels: the slim base stays, and
+#                    the URL of PyPI's simple index for its default Linux wheel, which is a
+#                    CUDA build. The CUDA runtime comes inside those wheels: the slim base stays, and
 #                    the host needs only the NVIDIA driver and the NVIDIA Container Toolkit.
 #   PYTHON_IMAGE     the base of both stages (default python:3.11-slim-bookworm).
 
