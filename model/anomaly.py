@@ -3,8 +3,8 @@
 Raw likelihood is a poor anomaly score: a flow trained on Fashion-MNIST gives MNIST
 digits *higher* likelihood than its own test images (Nalisnick et al., ICLR 2019),
 because likelihood is dominated by how simple an image is. The score here combines
-two detectors, each standardised against in-distribution validation images, and
-takes the larger (an image is anomalous if either finds it atypical):
+two detectors, each standardised (z-scored) against in-distribution validation
+images, and adds them, so evidence from both accumulates:
 
 1. complexity-corrected likelihood (Serra et al., ICLR 2020):
    S(x) = bits/dim(x) - L(x), with L(x) the image's length in bits/dim under a
@@ -22,6 +22,10 @@ split only: the first half fits the detectors' statistics, the second half gives
 the reference scores, from which ``percentile`` and the threshold at a target
 false-positive rate are read, so the threshold is not measured on the images that
 fitted it.
+
+Measured alternatives (README, "Anomaly scores"): raw bits/dim, each detector alone,
+the max or log-sum-exp of the two z-scores, finer (14x14) or PCA-reduced energy
+maps, row/column intensity profiles; the sum was the best on every natural OOD set.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from torch import Tensor
 
 from model.glow import Glow
 
-METHOD = "max-z(complexity-corrected bits/dim, latent-energy Mahalanobis)"
+METHOD = "z(complexity-corrected bits/dim) + z(latent-energy Mahalanobis)"
 REFERENCE_KEY = "val_anomaly_score"
 CALIBRATION_KEYS = ("anomaly.z_mean", "anomaly.z_std", "anomaly.energy_mean", "anomaly.energy_precision", REFERENCE_KEY)
 ENERGY_FLOOR = 1e-6  # keeps log(energy) finite for an all-zero latent patch
@@ -106,7 +110,7 @@ def _detectors(f: Features, energy_mean: Tensor, energy_precision: Tensor) -> Te
 
 
 def _combine(detectors: Tensor, z_mean: Tensor, z_std: Tensor) -> Tensor:
-    score = ((detectors - z_mean) / z_std).amax(1)
+    score = ((detectors - z_mean) / z_std).sum(1)
     return torch.nan_to_num(score, nan=SCORE_CAP, posinf=SCORE_CAP).clamp(max=SCORE_CAP)
 
 

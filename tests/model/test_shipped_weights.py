@@ -1,0 +1,54 @@
+"""The checkpoints in weights/: they load, describe themselves, and score real test images as their cards say."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.checkpoint import load_checkpoint
+from model.data import FASHION_MNIST_DIR, load_images
+from model.evaluate import bits_per_dim
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = {
+    "fashion-mnist": FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz",
+    "mnist": ROOT.parent / "shared" / "data" / "mnist" / "t10k-images-idx3-ubyte.gz",
+}
+SUBSET = 1000  # test images scored here; the sidecar's figures are over all 10,000
+
+
+def shipped(name: str) -> Path:
+    folder = ROOT / "weights" / name
+    if not (folder / "glow.safetensors").is_file():
+        pytest.skip(f"{folder} is not in this checkout")
+    return folder
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_checkpoint_loads_and_matches_its_sidecar(name: str) -> None:
+    checkpoint = load_checkpoint(shipped(name))
+    meta = checkpoint.meta
+    assert checkpoint.model.config.to_dict() == meta["config"]
+    assert meta["dataset"]["name"] == name
+    assert meta["parameters"] == sum(p.numel() for p in checkpoint.model.parameters())
+    assert (shipped(name) / "README.md").read_text().count(f"{meta['metrics']['test_bits_per_dim']:.4f}") >= 1
+    samples = checkpoint.model.sample(8, temperature=0.7, seed=0)
+    assert samples.shape == (8, *checkpoint.model.config.image_shape) and samples.dtype == torch.uint8
+    assert samples.float().std() > 10, "samples at T=0.7 should not be blank"
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_test_images_score_as_the_card_states(name: str) -> None:
+    folder, data = shipped(name), SHIPPED[name]
+    if not data.is_file():
+        pytest.skip(f"{data} is not installed")
+    checkpoint = load_checkpoint(folder)
+    metrics = checkpoint.meta["metrics"]
+    images = load_images(data)[:SUBSET]
+    result = bits_per_dim(checkpoint.model, images, seed=metrics["dequantization_seed"])
+    # a 1,000-image subset of the 10,000 the sidecar averaged: within a few hundredths
+    assert result.bin_centre == pytest.approx(metrics["test_bits_per_dim_bin_centre"], abs=0.05)
+    assert result.dequantized == pytest.approx(metrics["test_bits_per_dim"], abs=0.05)
+    assert result.dequantized > result.bin_centre
