@@ -186,21 +186,22 @@ class AffineCoupling(nn.Module):
         nn.init.normal_(self.net[2].weight, std=0.05)
         nn.init.zeros_(self.net[2].bias)
 
-    def _scale_shift(self, x_a: Tensor) -> tuple[Tensor, Tensor]:
+    def _log_scale_shift(self, x_a: Tensor) -> tuple[Tensor, Tensor]:
         raw, shift = self.net(x_a).chunk(2, dim=1)
-        return torch.sigmoid(raw + 2.0), shift
+        # log sigmoid(a) = -softplus(-a): finite where sigmoid(a) underflows to 0 in float32
+        return F.logsigmoid(raw + 2.0), shift
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x_a, x_b = x[:, : self.split_at], x[:, self.split_at :]
-        scale, shift = self._scale_shift(x_a)
-        y_b = (x_b + shift) * scale
-        return torch.cat([x_a, y_b], dim=1), torch.log(scale).flatten(1).sum(1)
+        log_scale, shift = self._log_scale_shift(x_a)
+        y_b = (x_b + shift) * torch.exp(log_scale)
+        return torch.cat([x_a, y_b], dim=1), log_scale.flatten(1).sum(1)
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         y_a, y_b = y[:, : self.split_at], y[:, self.split_at :]
-        scale, shift = self._scale_shift(y_a)
-        x_b = y_b / scale - shift
-        return torch.cat([y_a, x_b], dim=1), -torch.log(scale).flatten(1).sum(1)
+        log_scale, shift = self._log_scale_shift(y_a)
+        x_b = y_b * torch.exp(-log_scale) - shift
+        return torch.cat([y_a, x_b], dim=1), -log_scale.flatten(1).sum(1)
 
 
 class FlowStep(nn.Module):
