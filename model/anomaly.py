@@ -30,6 +30,7 @@ maps, row/column intensity profiles; the sum was the best on every natural OOD s
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 from dataclasses import dataclass
@@ -163,10 +164,27 @@ class AnomalyScorer:
         self.reference = torch.sort(self.calibration[REFERENCE_KEY]).values
         self.fpr = fpr
         self.threshold = threshold_at(self.reference, fpr)
+        self._model64: Glow | None = None
 
     def percentile(self, scores: Tensor) -> Tensor:
         below = torch.searchsorted(self.reference, scores.double(), right=False)
         return 100.0 * below.double() / self.reference.numel()
+
+    def float64_model(self) -> Glow:
+        """A float64 copy of the model (made on first use) for the rare image float32 cannot score."""
+        if self._model64 is None:
+            self._model64 = copy.deepcopy(self.model).double().eval()
+        return self._model64
+
+    def features(self, x: Tensor) -> Features:
+        """:func:`features`, recomputed in float64 for any image whose float32 result is not finite."""
+        f = features(self.model, x)
+        bad = ~(torch.isfinite(f.log_likelihood) & torch.isfinite(f.log_energy).all(1))
+        if bad.any():
+            exact = features(self.float64_model(), x[bad.to(x.device)])
+            for name in Features.__dataclass_fields__:
+                getattr(f, name)[bad] = getattr(exact, name)
+        return f
 
     def anomaly_score(self, f: Features) -> Tensor:
         c = self.calibration
@@ -175,7 +193,7 @@ class AnomalyScorer:
 
     @torch.no_grad()
     def score(self, x: Tensor) -> Scores:
-        f = features(self.model, x)
+        f = self.features(x)
         score = self.anomaly_score(f)
         return Scores(
             log_likelihood=f.log_likelihood,

@@ -54,9 +54,24 @@ ERROR_DESCRIPTIONS = {
 }
 
 
+ERROR_HEADERS = {
+    503: {
+        "Retry-After": {
+            "description": "whole seconds to wait before retrying",
+            "required": True,
+            "schema": {"type": "integer", "minimum": 1},
+        }
+    }
+}
+
+
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` for the given error codes, all ``{"detail": ...}``."""
-    return {code: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[code]} for code in codes}
+    """OpenAPI ``responses`` for the given error codes, all ``{"detail": ...}`` (503 with ``Retry-After``)."""
+    return {
+        code: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[code]}
+        | ({"headers": ERROR_HEADERS[code]} if code in ERROR_HEADERS else {})
+        for code in codes
+    }
 
 
 IMAGES_BODY = {

@@ -163,7 +163,13 @@ class ModelRunner:
 
     def encode_batch(self, images: list[np.ndarray]) -> list[Encoded]:
         """uint8 images (C, H, W) -> flat latents (the layout of ``Glow.encode``) and log-likelihoods."""
-        z, log_prob = self.model.encode_with_log_prob(self._pixels(images))
+        x = self._pixels(images)
+        z, log_prob = self.model.encode_with_log_prob(x)
+        bad = ~(torch.isfinite(log_prob) & torch.isfinite(z).all(1))
+        if bad.any():  # float32 overflowed for these images: recompute them exactly
+            z_exact, log_prob_exact = self.scorer.float64_model().encode_with_log_prob(x[bad])
+            z, log_prob = z.clone(), log_prob.clone()
+            z[bad], log_prob[bad] = z_exact.to(z.dtype), log_prob_exact.to(log_prob.dtype)
         latents, log_likelihood = z.float().cpu().numpy(), log_prob.double().cpu().tolist()
         return [Encoded(latent, float(ll)) for latent, ll in zip(latents, log_likelihood)]
 

@@ -123,6 +123,27 @@ def test_scores_stay_finite_for_images_the_model_cannot_score(model: Glow, calib
     assert torch.isfinite(scores.anomaly_score).all() and scores.is_anomaly.all()
 
 
+def test_float32_overflow_falls_back_to_float64(model: Glow, calibration: dict[str, torch.Tensor],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    scorer = AnomalyScorer(model, calibration)
+    x = squares(3, seed=8)
+    expected = AnomalyScorer(scorer.float64_model(), calibration).score(x)
+    original = Glow.log_prob_and_latents
+
+    def overflow_in_float32(self: Glow, images: torch.Tensor, noise: torch.Tensor | None = None):
+        log_prob, latents = original(self, images, noise)
+        if self.dtype == torch.float32:
+            log_prob = log_prob.clone()
+            log_prob[1] = -float("inf")
+        return log_prob, latents
+
+    monkeypatch.setattr(Glow, "log_prob_and_latents", overflow_in_float32)
+    scores = scorer.score(x)
+    assert torch.isfinite(scores.log_likelihood).all()
+    assert scores.log_likelihood[1].item() == pytest.approx(expected.log_likelihood[1].item(), rel=1e-12)
+    assert scores.anomaly_score[1].item() == pytest.approx(expected.anomaly_score[1].item(), rel=1e-9)
+
+
 def test_compressed_length_is_higher_for_noise_than_for_flat_images() -> None:
     flat = torch.zeros(2, 1, 8, 8, dtype=torch.uint8)
     noise = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
