@@ -90,3 +90,24 @@ def test_a_missing_checkpoint_is_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not found"):
         missing.load()
     assert not missing.loaded
+
+
+def test_encode_recomputes_float32_overflows_in_float64(runner: ModelRunner, reference: Checkpoint,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from model.glow import Glow
+
+    images = random_pixels(3, 2)
+    exact = runner.scorer.float64_model().encode_with_log_prob(torch.from_numpy(np.stack(images)))[1]
+    original = Glow.encode_with_log_prob
+
+    def overflow_in_float32(self: Glow, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z, log_prob = original(self, x)
+        if self.dtype == torch.float32:
+            log_prob = log_prob.clone()
+            log_prob[2] = float("nan")
+        return z, log_prob
+
+    monkeypatch.setattr(Glow, "encode_with_log_prob", overflow_in_float32)
+    encoded = runner.encode_batch(images)
+    assert all(np.isfinite(e.log_likelihood) for e in encoded)
+    assert encoded[2].log_likelihood == pytest.approx(exact[2].item(), rel=1e-6)
