@@ -207,15 +207,16 @@ def train(args: argparse.Namespace, argv: list[str] | None) -> int:
     lead = rank == 0
     state_path = args.output / STATE_FILE
 
-    images = load_images(args.train)
-    train_images, val_images = split_validation(images, args.val_count)
-    train_data = torch.from_numpy(train_images)
-
     info: dict[str, Any] = {}
     if args.resume:
         if not state_path.is_file():
             raise SystemExit(f"--resume: no training state at {state_path}")
         info = read_state_info(state_path)
+        args.dataset_name, args.val_count = info["dataset_name"], info["val_count"]  # fixed for the run
+    images = load_images(args.train)
+    train_images, val_images = split_validation(images, args.val_count)
+    train_data = torch.from_numpy(train_images)
+    if args.resume:
         config = GlowConfig.from_dict(info["config"])
         settings = TrainSettings(**info["settings"])
     else:
