@@ -78,14 +78,8 @@ WORKDIR /app
 #   container; here it listens on every interface of the container's own network.
 # GLOW_WEIGHTS: explicit, since the package's default path points inside site-packages
 #   once installed non-editable.
-# MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_: glibc raises its mmap threshold at run
-#   time each time it frees an mmapped block, so whether torch's per-batch intermediates
-#   (a few MB each at batch 64) are reused from the heap or mapped, page-faulted and
-#   unmapped on every batch depends on the process's allocation history; measured on the
-#   project's CPU machines this made throughput bimodal from one start to the next. Pinning
-#   both thresholds switches the adaptation off: blocks under 32 MiB (the ceiling of glibc's
-#   own adaptation) stay in the heap, and the heap is trimmed only past 64 MiB free.
-#   The price is up to that much retained memory per malloc arena. Override with -e.
+# glibc's malloc thresholds are pinned by the service itself at start (mallopt, see
+#   service/__main__.py: tune_process), so no MALLOC_* variables are needed here.
 # Torch's intra-op threads default to the host's physical cores, not the container's CPU
 #   quota: give a CPU-limited container OMP_NUM_THREADS=<its CPUs> (deploy/kubernetes.yaml
 #   sets it from the CPU limit).
@@ -94,9 +88,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     GLOW_HOST=0.0.0.0 \
     GLOW_PORT=8000 \
-    GLOW_WEIGHTS=/app/weights/fashion-mnist \
-    MALLOC_MMAP_THRESHOLD_=33554432 \
-    MALLOC_TRIM_THRESHOLD_=67108864
+    GLOW_WEIGHTS=/app/weights/fashion-mnist
 
 USER 10001:10001
 EXPOSE 8000

@@ -27,8 +27,10 @@ and at least ``--min-repeats`` calls per figure), with torch's intra-op threads 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+import logging
 import math
 import os
 import platform
@@ -37,7 +39,7 @@ import threading
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +50,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.timing import Timing, fmt, measure
+from bench.timing import MALLOC_TUNED, Timing, checkpoint_exists, measure
 from model.glow import Glow, GlowConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,7 +76,7 @@ def perturb_zero_convs(model: nn.Module, std: float, seed: int) -> None:
 
 def build_model(args: argparse.Namespace, init_images: Tensor) -> tuple[Glow, str, dict[str, Tensor] | None]:
     """The shipped checkpoint when it exists, else random weights with the flags' config."""
-    if args.weights is not None and Path(args.weights).exists():
+    if checkpoint_exists(args.weights):
         from model.checkpoint import load_checkpoint
 
         checkpoint = load_checkpoint(args.weights, args.device)
@@ -252,15 +254,54 @@ def traced_model(model: Glow) -> nn.Module:
     return TracedGlow(fused_model(model))
 
 
+def checked(build: Callable[[], Any], model: Glow, images: Tensor, name: str) -> Any:
+    """``build()``, if it builds and matches the model (log-likelihoods within 1e-4, exact round trip); else None."""
+    try:
+        fast = build()
+        x = images[:8].to(model.device)
+        with torch.inference_mode():
+            deviation = max(max_relative_deviation(fast.log_prob(x), model.log_prob(x)) for _ in range(2))
+            exact = bool((fast.decode(fast.encode(x)) == x).all())
+    except Exception as exc:  # the model's layers changed under bench/fused.py
+        print(f"WARNING: the {name} form does not build ({type(exc).__name__}: {exc}); its rows are skipped")
+        return None
+    if not (deviation <= 1e-4 and exact):
+        print(f"WARNING: the {name} form deviates from the model (max rel dev {deviation:.2e}, round trip "
+              f"{'exact' if exact else 'NOT exact'}); its rows are skipped: bench/fused.py needs updating")
+        return None
+    return fast
+
+
 KNOBS = ("inference_mode", "channels_last", "fused", "fused+channels_last", "fused+traced", "compile", "fused+compile",
          "float64")
+
+
+CUDA_KNOBS = ("tf32", "bf16")
+
+
+@contextlib.contextmanager
+def precision(tf32: bool = False, bf16: bool = False, grad: Callable[[], Any] = torch.inference_mode) -> Iterator[None]:
+    """Strict fp32 (TF32 off for cuDNN convs and matmuls, which only matters on CUDA), or TF32, or bf16 autocast."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        with grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def knob_variants(model: Glow, names: list[str]) -> list[tuple[str, Callable[[], Any]]]:
     """(name, factory) pairs; each factory returns (log_prob fn, encode fn or None, decode fn or None, context)."""
 
     def plain() -> Any:
-        return model.log_prob, model.encode, model.decode, torch.no_grad
+        return model.log_prob, model.encode, model.decode, lambda: precision(grad=torch.no_grad)
+
+    def tf32() -> Any:  # CUDA: TF32 tensor-core convs (cuDNN's own default)
+        return model.log_prob, model.encode, model.decode, lambda: precision(tf32=True)
+
+    def bf16() -> Any:  # CUDA: bf16 autocast
+        return model.log_prob, model.encode, model.decode, lambda: precision(bf16=True)
 
     def inference_mode() -> Any:
         return model.log_prob, model.encode, model.decode, torch.inference_mode
@@ -282,6 +323,9 @@ def knob_variants(model: Glow, names: list[str]) -> list[tuple[str, Callable[[],
         return t.log_prob, t.encode, t.decode, torch.inference_mode
 
     def compiled() -> Any:
+        # the model's cached-weight check (InvertibleConv1x1._cached) guards on tensor versions: dynamo
+        # recompiles until its limit and runs the rest eagerly; its warnings say so at length
+        logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
         torch._dynamo.reset()
         return torch.compile(model.log_prob, dynamic=False), None, None, torch.inference_mode
 
@@ -303,6 +347,8 @@ def knob_variants(model: Glow, names: list[str]) -> list[tuple[str, Callable[[],
         "compile": compiled,
         "fused+compile": fused_compiled,
         "float64": float64,
+        "tf32": tf32,
+        "bf16": bf16,
     }
     variants: list[tuple[str, Callable[[], Any]]] = [("plain fp32 (no_grad)", plain)]
     for name in names:
@@ -317,8 +363,8 @@ def run_knobs(
     sync: Callable[[], None] | None,
 ) -> list[dict[str, Any]]:
     rows = []
-    print(f"\nexactness knobs (log-likelihood; reference: the plain fp32 path under no_grad; "
-          f"target: max rel dev <= 1e-4, decode(encode(x)) == x)")
+    print("\nexactness knobs (log-likelihood; reference: the plain fp32 path under no_grad; "
+          "target: max rel dev <= 1e-4, decode(encode(x)) == x)")
     print(f"{'knob':<22}{'batch':>6}{'ms/call':>10}{'images/s':>10}{'speedup':>9}{'max rel dev':>13}"
           f"{'roundtrip':>11}{'setup s':>9}")
     for batch in batches:
@@ -420,6 +466,78 @@ def run_contention(
     return rows
 
 
+# ------------------------------------------------------------ allocator
+def allocator_child(args: argparse.Namespace) -> int:
+    """(child process) the service's own batch function in a fresh process: ``ModelRunner`` loads the checkpoint
+    and warms up as ``python -m service`` does, then log-likelihood and score_batch ms/call at ascending batch
+    sizes, as JSON on stdout. Random pixels, so that no data set load shapes the allocator's history."""
+    import numpy as np
+
+    from service.runner import ModelRunner
+
+    torch.set_num_threads(args.threads)
+    runner = ModelRunner(args.weights, args.device)
+    runner.load()
+    runner.warm_up(64)
+    rng = np.random.default_rng(args.seed)
+    out: dict[str, dict[int, float]] = {"log-likelihood": {}, "score_batch": {}}
+    with torch.inference_mode():
+        for batch in sorted(args.batches):
+            images = [rng.integers(0, 256, runner.image_shape, dtype=np.uint8) for _ in range(batch)]
+            x = torch.from_numpy(np.stack(images)).to(args.device)
+            out["log-likelihood"][batch] = measure(lambda: runner.model.log_prob(x), min_time=args.min_time,
+                                                   min_repeats=args.min_repeats).median
+            out["score_batch"][batch] = measure(lambda: runner.score_batch(images), min_time=args.min_time,
+                                                min_repeats=args.min_repeats).median
+    print("JSON:" + json.dumps(out))
+    return 0
+
+
+def run_allocator(args: argparse.Namespace) -> dict[str, Any]:
+    """The service's batch function in fresh processes under glibc's default malloc and a tuned one."""
+    import subprocess
+    import tempfile
+
+    print(f"\nallocator: the service's ModelRunner in fresh processes (loaded and warmed up as python -m service "
+          f"does), ms/call under glibc malloc as is and with GLIBC_TUNABLES={MALLOC_TUNED}")
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="glow-bench-") as tmp:
+        weights = args.weights
+        if not checkpoint_exists(weights):
+            try:
+                from bench.served import random_checkpoint
+
+                weights = random_checkpoint(Path(tmp) / "random", args)
+            except Exception as exc:  # e.g. scikit-learn missing for the calibration
+                print(f"  skipped: no checkpoint and none could be made ({type(exc).__name__}: {exc})")
+                return results
+        command = [sys.executable, "-m", "bench.model_throughput", "--allocator-child", "--weights", str(weights),
+                   "--device", str(args.device), "--seed", str(args.seed), "--batches", *map(str, args.batches),
+                   "--min-time", str(args.min_time), "--min-repeats", str(args.min_repeats),
+                   "--threads", str(args.threads)]
+        for name, tunables in (("default", os.environ.get("GLIBC_TUNABLES")), ("tuned", MALLOC_TUNED)):
+            env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+            if tunables:
+                env["GLIBC_TUNABLES"] = tunables
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+            try:
+                done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+            except subprocess.TimeoutExpired:
+                print(f"  {name}: timed out")
+                return results
+            line = next((l for l in done.stdout.splitlines() if l.startswith("JSON:")), None)
+            if line is None:
+                print(f"  {name}: failed (rc {done.returncode}): {done.stderr.strip()[-300:]}")
+                return results
+            results[name] = {op: {int(k): v for k, v in d.items()} for op, d in json.loads(line[5:]).items()}
+    print(f"{'operation':<16}{'batch':>6}{'default ms':>12}{'tuned ms':>10}{'speedup':>9}")
+    for op in results["default"]:
+        for batch in sorted(results["default"][op]):
+            d, t = results["default"][op][batch], results["tuned"][op][batch]
+            print(f"{op:<16}{batch:>6}{d * 1e3:>12.2f}{t * 1e3:>10.2f}{d / t:>8.2f}x")
+    return results
+
+
 # ------------------------------------------------------------------ main
 def nflows_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
@@ -454,16 +572,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peer-cache", action="store_true",
                    help="let the peer cache its 1x1 weights and inverses (nflows using_cache=True; the tutorial did not)")
     p.add_argument("--knobs", nargs="*", default=list(KNOBS),
-                   help=f"exactness knobs to try ({' '.join(KNOBS)}; none: skip)")
+                   help=f"exactness knobs to try ({' '.join(KNOBS)}; on CUDA also {' '.join(CUDA_KNOBS)}; "
+                        "none: skip)")
     p.add_argument("--knob-batches", type=int, nargs="+", default=[1, 64])
     p.add_argument("--no-contention", action="store_true", help="skip the GIL-contention section")
     p.add_argument("--switch-intervals", type=float, nargs="+", default=[0.005, 0.0005],
                    help="sys.setswitchinterval values for the contention section (default 0.005 = Python's, 0.0005)")
+    p.add_argument("--no-allocator", action="store_true",
+                   help="skip the allocator section (fresh processes with and without tuned glibc malloc)")
+    p.add_argument("--allocator-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: batches 1 8 64, 0.3 s per figure, knobs at batch 8 without compile")
     args = p.parse_args(argv)
+    args.knobs_default = args.knobs == list(KNOBS)
     if args.knobs == ["none"]:
         args.knobs = []
     if args.quick:
@@ -476,12 +599,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.allocator_child:
+        return allocator_child(args)
     warnings.filterwarnings("ignore", message=".*triangular_solve.*")  # nflows' inverse 1x1 conv
     torch.set_num_threads(args.threads)
     cuda = str(args.device).startswith("cuda")
     sync = torch.cuda.synchronize if cuda else None
+    if cuda:  # every table in strict fp32; TF32 and bf16 are knobs, with their accuracy cost
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        if args.knobs_default:
+            args.knobs = [*args.knobs, *CUDA_KNOBS]
     shape_for_images = (1, 28, 28)
-    if args.weights is not None and Path(args.weights).exists():
+    if checkpoint_exists(args.weights):
         from model.checkpoint import read_sidecar, resolve_paths
 
         shape_for_images = tuple(read_sidecar(resolve_paths(args.weights)[1])["image_shape"])  # type: ignore[assignment]
@@ -517,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"inputs: {image_source}")
     print(f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs, "
           f"python {platform.python_version()}, torch {torch.__version__}, {args.threads} intra-op threads, "
-          f"device {args.device}")
+          f"device {args.device}, GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}")
 
     # FLOPs per image (batch 1), per operation
     one = images[:1].to(args.device)
@@ -539,12 +668,14 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # e.g. scikit-learn missing for calibration
             print(f"note: anomaly-score skipped ({type(exc).__name__}: {exc})")
     if any(op.startswith("fused-") for op in args.operations):
-        fused = fused_model(model, channels_last=True)
-        ops_ours["fused-log-likelihood"] = lambda x, z, b: (lambda: fused.log_prob(x))
-        ops_ours["fused-decode"] = lambda x, z, b: (lambda: fused.decode(z))
+        fused = checked(lambda: fused_model(model, channels_last=True), model, images, "fused")
+        if fused is not None:
+            ops_ours["fused-log-likelihood"] = lambda x, z, b: (lambda: fused.log_prob(x))
+            ops_ours["fused-decode"] = lambda x, z, b: (lambda: fused.decode(z))
     if "traced-log-likelihood" in args.operations:
-        traced = traced_model(model)
-        ops_ours["traced-log-likelihood"] = lambda x, z, b: (lambda: traced.log_prob(x))
+        traced = checked(lambda: traced_model(model), model, images, "traced")
+        if traced is not None:
+            ops_ours["traced-log-likelihood"] = lambda x, z, b: (lambda: traced.log_prob(x))
     ops_peer: dict[str, Callable[[Tensor, Tensor, int], Callable[[], object]]] = {}
     if peer is not None:
         ops_peer = {
@@ -661,6 +792,8 @@ def main(argv: list[str] | None = None) -> int:
         results["knobs"] = run_knobs(model, images, args.knob_batches, args.knobs, args, sync)
     if not args.no_contention:
         results["contention"] = run_contention(model, images, args.knob_batches, args.switch_intervals, args, sync)
+    if not args.no_allocator and not cuda:
+        results["allocator"] = run_allocator(args)
 
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")

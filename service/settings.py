@@ -38,7 +38,9 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs; auto: CUDA when present")
     max_batch_size: int = Field(64, ge=1, le=65536, description="images per model call (1 turns batching off)")
     max_wait_ms: float = Field(
-        5.0, ge=0, le=60_000, allow_inf_nan=False, description="how long a batch waits for more images after its first"
+        0.0, ge=0, le=60_000, allow_inf_nan=False,
+        description="how long a batch waits for more images after its first (0: it takes what queued while the "
+        "model was busy, measured faster than a fixed wait at every concurrency; see bench/README.md)",
     )
     max_queue_size: int = Field(1024, ge=1, description="images waiting per operation before requests get 503")
     request_timeout_s: float = Field(
