@@ -16,7 +16,6 @@ saying what is wrong. No pickle is ever read: safetensors and JSON only.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -184,8 +183,3 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
             raise CheckpointError(f"{weights}: calibration.{name} holds NaN or infinite values")
     model.to(device).eval()
     return Checkpoint(model=model, meta=meta, calibration=calibration, weights_path=weights)
-
-
-def finite_or_none(value: float) -> float | None:
-    """JSON has no NaN: metrics that could not be measured are written as null."""
-    return value if math.isfinite(value) else None
