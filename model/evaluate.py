@@ -13,16 +13,17 @@ Bits/dim, both ways papers and the API use them:
 
 from __future__ import annotations
 
+import argparse
+import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from model.anomaly import AnomalyScorer
+from model.checkpoint import CheckpointError, load_checkpoint
+from model.data import DataError, load_images
 from model.glow import Glow
-
-if TYPE_CHECKING:
-    from model.anomaly import AnomalyScorer
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def detection(in_scores: np.ndarray, out_scores: np.ndarray) -> Detection:
     )
 
 
-def score_images(scorer: "AnomalyScorer", images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def score_images(scorer: AnomalyScorer, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(bits/dim, anomaly score, is_anomaly) of every image; each image's score is independent of its batch."""
     data = torch.as_tensor(images)
     parts = [scorer.score(data[i : i + batch_size].to(scorer.model.device)) for i in range(0, len(data), batch_size)]
@@ -111,13 +112,6 @@ def score_images(scorer: "AnomalyScorer", images: np.ndarray, batch_size: int) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import sys
-
-    from model.anomaly import AnomalyScorer
-    from model.checkpoint import CheckpointError, load_checkpoint
-    from model.data import DataError, load_images
-
     p = argparse.ArgumentParser(prog="python -m model.evaluate",
                                 description="AUROC, AUPR and FPR at 95% TPR of raw bits/dim and of the anomaly score")
     p.add_argument("--weights", required=True, help="checkpoint folder or .safetensors file")
