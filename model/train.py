@@ -13,7 +13,9 @@ on SIGINT/SIGTERM. A non-finite loss skips its step with a message.
 
 Several processes (``torchrun --nproc-per-node N -m model.train ...``) train with
 DistributedDataParallel: each rank takes every N-th batch of the shared order; only
-rank 0 writes.
+rank 0 writes. The ranks agree every step on whether to skip it (a non-finite loss
+on any rank) and whether to stop (a signal on any rank), so no rank is left alone
+in a collective, and they meet at a barrier before tearing the process group down.
 """
 
 from __future__ import annotations
@@ -69,6 +71,15 @@ def learning_rate(step: int, s: TrainSettings) -> float:
         progress = min(1.0, (step - s.warmup_steps) / max(1, s.max_steps - s.warmup_steps))
         return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
     return s.lr
+
+
+def any_rank(*flags: bool, device: torch.device, world: int) -> list[bool]:
+    """For each flag, whether it is true on any rank (one all-reduce; no-op for one process)."""
+    if world == 1:
+        return list(flags)
+    votes = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in votes.tolist()]
 
 
 def select_device(name: str) -> torch.device:
@@ -248,7 +259,7 @@ def train(args: argparse.Namespace, argv: list[str] | None) -> int:
         train_model = nn.parallel.DistributedDataParallel(model)
 
     command = " ".join(["python -m model.train", *(argv if argv is not None else sys.argv[1:])])
-    stop = {"signal": None}
+    stop: dict[str, int | str | None] = {"signal": None}
 
     def request_stop(signum: int, _frame: Any) -> None:
         stop["signal"] = signum
@@ -287,14 +298,19 @@ def train(args: argparse.Namespace, argv: list[str] | None) -> int:
     started = time.monotonic() - wall_time
     last_eval = last_save = time.monotonic()
     bad_steps, running, window_images, window_start = 0, None, 0, time.monotonic()
-    while step < settings.max_steps and stop["signal"] is None:
+    while step < settings.max_steps:
         index = batch_indices(len(train_data), settings.batch_size, step, settings.seed, rank, world)
         batch = train_data[index].to(device)
         noise = step_noise(batch.shape, step, settings.seed, rank).to(device)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, settings)
         loss = model.bits_per_dim(train_model(batch, noise)).mean()
-        if not torch.isfinite(loss):
+        non_finite, stopping = any_rank(not torch.isfinite(loss), stop["signal"] is not None,
+                                        device=device, world=world)
+        if stopping:
+            stop["signal"] = stop["signal"] or "on another rank"
+            break
+        if non_finite:
             bad_steps += 1
             bar.write(f"step {step}: non-finite loss ({loss.item()}), step skipped")
             if bad_steps >= MAX_BAD_STEPS:
@@ -335,6 +351,7 @@ def train(args: argparse.Namespace, argv: list[str] | None) -> int:
         print(f"stopped at step {step} ({reason}); state in {state_path}")
         log.close()
     if world > 1:
+        dist.barrier()  # rank 0 may still be evaluating; gloo aborts if a peer leaves first
         dist.destroy_process_group()
     return 0
 

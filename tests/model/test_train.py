@@ -5,8 +5,10 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +125,46 @@ def test_two_gloo_processes_train_with_ddp(data: Path, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     info = json.loads((out / "state.json").read_text())
     assert info["step"] == 4 and info["world_size"] == 2
+
+
+def rank_pid(launcher: int, rank: int) -> int | None:
+    """Pid of the torchrun worker with RANK=rank among the launcher's children (Linux /proc)."""
+    children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
+    for pid in children:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ:
+            return int(pid)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc to find a worker's pid")
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "model.train", *run_args(data, out, "--max-steps", "100000", "--device", "cpu",
+                                        "--checkpoint-minutes", "0.005")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "state.json").is_file():  # both ranks are past DDP set-up and stepping
+            assert launcher.poll() is None and time.monotonic() < deadline, "training never started"
+            time.sleep(0.1)
+        worker = rank_pid(launcher.pid, 1)
+        assert worker is not None
+        os.kill(worker, signal.SIGTERM)  # rank 1 only: rank 0 must learn of it, not wait in an all-reduce
+        stdout, stderr = launcher.communicate(timeout=120)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 0, stderr[-2000:]
+    assert "(signal on another rank)" in stdout
+    info = json.loads((out / "state.json").read_text())
+    assert 0 < info["step"] < 100000 and info["world_size"] == 2
 
 
 def test_export_writes_a_verified_checkpoint_and_card(data: Path, tmp_path: Path) -> None:
