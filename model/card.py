@@ -91,6 +91,7 @@ def write_card(model: Glow, meta: dict[str, Any], directory: Path, log_path: Pat
         "## Training",
         "",
         f"- command: `{training['command']}`",
+        *[f"- resumed with: `{resume}`" for resume in training.get("resumed_with", [])],
         f"- {training['steps']:,} steps ({training['epochs']} epochs), {training['wall_time_s'] / 3600:.2f} h "
         f"on {training['hardware']}",
         f"- settings: `{json.dumps(training['settings'], sort_keys=True)}`; evaluated and exported weights: "

@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         "anomaly": anomaly_meta(info["val_count"]),
         "training": {
             "command": info["command"],
+            "resumed_with": info.get("resumed_with", []),
             "steps": steps,
             "epochs": round(steps / per_epoch, 2),
             "wall_time_s": round(float(info["wall_time_s"]), 1),

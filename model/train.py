@@ -55,6 +55,7 @@ class TrainSettings:
     warmup_steps: int = 500  # linear warm-up from 0 to lr
     schedule: str = "constant"  # "constant" or "cosine" (to min_lr_ratio * lr at max_steps)
     min_lr_ratio: float = 0.05
+    decay_start: int = 0  # cosine decay begins here (or after warm-up, if later): lets a resumed run anneal
     max_steps: int = 100_000  # stop after this many optimiser steps
     grad_clip: float = 50.0  # max global gradient norm (0: off)
     ema_decay: float = 0.999  # weight EMA used for evaluation/export (0: off, the live weights)
@@ -67,8 +68,9 @@ def learning_rate(step: int, s: TrainSettings) -> float:
     """Warm-up then constant or cosine learning rate for optimiser step ``step`` (0-based)."""
     if step < s.warmup_steps:
         return s.lr * (step + 1) / s.warmup_steps
-    if s.schedule == "cosine":
-        progress = min(1.0, (step - s.warmup_steps) / max(1, s.max_steps - s.warmup_steps))
+    start = max(s.warmup_steps, s.decay_start)
+    if s.schedule == "cosine" and step >= start:
+        progress = min(1.0, (step - start) / max(1, s.max_steps - start))
         return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
     return s.lr
 
@@ -281,6 +283,7 @@ def train(args: argparse.Namespace, argv: list[str] | None) -> int:
                 "settings": asdict(settings), "dataset_name": args.dataset_name,
                 "dataset_sha256": fingerprint([args.train]), "val_count": args.val_count,
                 "command": info.get("command", command), "world_size": world,
+                "resumed_with": [*info.get("resumed_with", []), *([command] if args.resume else [])],
                 "device": str(device), "threads": torch.get_num_threads(),
             })
 

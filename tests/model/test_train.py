@@ -61,6 +61,8 @@ def test_a_few_steps_lower_the_validation_loss(data: Path, tmp_path: Path) -> No
     assert last["val_bpd"] < first["val_bpd"] - 0.5, (first, last)
     info = json.loads((out / "state.json").read_text())
     assert info["step"] == 60 and info["config"]["image_shape"] == [1, 8, 8]
+    assert "--resume" not in info["command"] and len(info["resumed_with"]) == 1  # both recorded for the card
+    assert "--max-steps 60 --resume" in info["resumed_with"][0]
 
 
 def test_resume_continues_exactly(data: Path, tmp_path: Path) -> None:
@@ -105,6 +107,11 @@ def test_learning_rate_warms_up_then_decays() -> None:
     assert trainer.learning_rate(60, s) == pytest.approx(0.55e-3)
     assert trainer.learning_rate(110, s) == pytest.approx(1e-4)
     assert trainer.learning_rate(60, trainer.TrainSettings(lr=1e-3, warmup_steps=10)) == 1e-3
+    late = trainer.TrainSettings(lr=1e-3, warmup_steps=10, schedule="cosine", max_steps=300, min_lr_ratio=0.1,
+                                 decay_start=100)  # a resumed run annealing from step 100
+    assert trainer.learning_rate(99, late) == 1e-3
+    assert trainer.learning_rate(200, late) == pytest.approx(0.55e-3)
+    assert trainer.learning_rate(300, late) == pytest.approx(1e-4)
 
 
 def test_batches_of_ranks_partition_each_epoch() -> None:
