@@ -11,7 +11,7 @@ Prints, in one run and on the same inputs and thread count:
    scoring) at each batch size, as GFLOP/s and as a share of that ceiling, beside the
    nflows peer (same levels, steps, width and input size; ``bench/peer.py``) and the
    our/peer ratio;
-4. exactness knobs (inference_mode, channels_last, the folded form of ``bench/fused.py``,
+4. exactness knobs (inference_mode, channels_last, the folded form of ``model/inference.py``,
    TorchScript, torch.compile, float64) at a few batch sizes: speed, the max relative
    deviation of log-likelihoods from the plain fp32 path, and whether decode(encode(x))
    gives back x pixel for pixel;
@@ -51,14 +51,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.timing import MALLOC_TUNED, Timing, checkpoint_exists, measure
+from bench.traced import TracedGlow
 from model.glow import Glow, GlowConfig
+from model.inference import FoldedGlow
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_WEIGHTS = REPO / "weights" / "fashion-mnist"
 DEFAULT_IMAGES = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 TEMPERATURE = 0.7
 OPERATIONS = ("log-likelihood", "encode", "decode", "sample")
-EXTRA_OPERATIONS = ("anomaly-score", "fused-log-likelihood", "fused-decode", "traced-log-likelihood")
+EXTRA_OPERATIONS = ("anomaly-score", "folded-log-likelihood", "folded-decode", "traced-log-likelihood")
 
 
 # ------------------------------------------------------------------ models
@@ -241,17 +243,12 @@ def max_relative_deviation(values: Tensor, reference: Tensor) -> float:
     return float(((values - reference).abs() / reference.abs().clamp_min(1e-30)).max())
 
 
-def fused_model(model: Glow, channels_last: bool = False) -> nn.Module:
-    from bench.fused import FusedGlow
-
-    fused = FusedGlow(model)
-    return fused.to(memory_format=torch.channels_last) if channels_last else fused
+def folded_model(model: Glow, channels_last: bool = False) -> FoldedGlow:
+    return FoldedGlow(model, channels_last=channels_last)
 
 
-def traced_model(model: Glow) -> nn.Module:
-    from bench.fused import TracedGlow
-
-    return TracedGlow(fused_model(model))
+def traced_model(model: Glow) -> TracedGlow:
+    return TracedGlow(folded_model(model, channels_last=True))
 
 
 def checked(build: Callable[[], Any], model: Glow, images: Tensor, name: str) -> Any:
@@ -262,17 +259,17 @@ def checked(build: Callable[[], Any], model: Glow, images: Tensor, name: str) ->
         with torch.inference_mode():
             deviation = max(max_relative_deviation(fast.log_prob(x), model.log_prob(x)) for _ in range(2))
             exact = bool((fast.decode(fast.encode(x)) == x).all())
-    except Exception as exc:  # the model's layers changed under bench/fused.py
+    except Exception as exc:  # the model's layers changed under model/inference.py
         print(f"WARNING: the {name} form does not build ({type(exc).__name__}: {exc}); its rows are skipped")
         return None
     if not (deviation <= 1e-4 and exact):
         print(f"WARNING: the {name} form deviates from the model (max rel dev {deviation:.2e}, round trip "
-              f"{'exact' if exact else 'NOT exact'}); its rows are skipped: bench/fused.py needs updating")
+              f"{'exact' if exact else 'NOT exact'}); its rows are skipped: model/inference.py needs updating")
         return None
     return fast
 
 
-KNOBS = ("inference_mode", "channels_last", "fused", "fused+channels_last", "fused+traced", "compile", "fused+compile",
+KNOBS = ("inference_mode", "channels_last", "folded", "folded+channels_last", "folded+traced", "compile", "folded+compile",
          "float64")
 
 
@@ -310,15 +307,15 @@ def knob_variants(model: Glow, names: list[str]) -> list[tuple[str, Callable[[],
         clone = copy.deepcopy(model).to(memory_format=torch.channels_last)
         return clone.log_prob, clone.encode, clone.decode, torch.inference_mode
 
-    def fused() -> Any:
-        f = fused_model(model)
+    def folded() -> Any:
+        f = folded_model(model)
         return f.log_prob, f.encode, f.decode, torch.inference_mode
 
-    def fused_channels_last() -> Any:
-        f = fused_model(model, channels_last=True)
+    def folded_channels_last() -> Any:
+        f = folded_model(model, channels_last=True)
         return f.log_prob, f.encode, f.decode, torch.inference_mode
 
-    def fused_traced() -> Any:
+    def folded_traced() -> Any:
         t = traced_model(model)
         return t.log_prob, t.encode, t.decode, torch.inference_mode
 
@@ -329,9 +326,9 @@ def knob_variants(model: Glow, names: list[str]) -> list[tuple[str, Callable[[],
         torch._dynamo.reset()
         return torch.compile(model.log_prob, dynamic=False), None, None, torch.inference_mode
 
-    def fused_compiled() -> Any:
+    def folded_compiled() -> Any:
         torch._dynamo.reset()
-        f = fused_model(model)
+        f = folded_model(model)
         return torch.compile(f.log_prob, dynamic=False), None, None, torch.inference_mode
 
     def float64() -> Any:
@@ -341,11 +338,11 @@ def knob_variants(model: Glow, names: list[str]) -> list[tuple[str, Callable[[],
     table = {
         "inference_mode": inference_mode,
         "channels_last": channels_last,
-        "fused": fused,
-        "fused+channels_last": fused_channels_last,
-        "fused+traced": fused_traced,
+        "folded": folded,
+        "folded+channels_last": folded_channels_last,
+        "folded+traced": folded_traced,
         "compile": compiled,
-        "fused+compile": fused_compiled,
+        "folded+compile": folded_compiled,
         "float64": float64,
         "tf32": tf32,
         "bf16": bf16,
@@ -429,10 +426,10 @@ def run_contention(
     """log-likelihood with a busy Python thread in the process, at several GIL switch intervals."""
     variants: list[tuple[str, Callable[[Tensor], Tensor]]] = [("model", model.log_prob)]
     try:
-        fused = fused_model(model, channels_last=True)
-        variants.append(("fused+channels_last", fused.log_prob))
+        folded = folded_model(model, channels_last=True)
+        variants.append(("folded+channels_last", folded.log_prob))
         traced = traced_model(model)
-        variants.append(("fused+traced", traced.log_prob))
+        variants.append(("folded+traced", traced.log_prob))
     except Exception as exc:  # keep the section even if a variant does not build here
         print(f"note: contention variants skipped ({type(exc).__name__}: {exc})")
     print("\nGIL contention: log-likelihood ms/call, alone and beside a busy pure-Python thread (the service's "
@@ -562,8 +559,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64, 256])
     p.add_argument("--operations", nargs="+", default=[*OPERATIONS, *EXTRA_OPERATIONS],
                    choices=[*OPERATIONS, *EXTRA_OPERATIONS],
-                   help="anomaly-score: the service's scoring (likelihood + WebP + detectors); fused-*: the folded "
-                        "inference form of bench/fused.py with channels_last, the proposed optimisation; traced-*: "
+                   help="anomaly-score: the service's scoring (likelihood + WebP + detectors); folded-*: the folded "
+                        "inference form of model/inference.py with channels_last, what the service runs; traced-*: "
                         "the folded form as frozen TorchScript")
     p.add_argument("--min-time", type=float, default=1.0, help="seconds of timed calls per figure (default 1)")
     p.add_argument("--min-repeats", type=int, default=3, help="timed calls per figure, at least (default 3)")
@@ -667,11 +664,11 @@ def main(argv: list[str] | None = None) -> int:
             ops_ours["anomaly-score"] = lambda x, z, b: (lambda: scorer.score(x))
         except Exception as exc:  # e.g. scikit-learn missing for calibration
             print(f"note: anomaly-score skipped ({type(exc).__name__}: {exc})")
-    if any(op.startswith("fused-") for op in args.operations):
-        fused = checked(lambda: fused_model(model, channels_last=True), model, images, "fused")
-        if fused is not None:
-            ops_ours["fused-log-likelihood"] = lambda x, z, b: (lambda: fused.log_prob(x))
-            ops_ours["fused-decode"] = lambda x, z, b: (lambda: fused.decode(z))
+    if any(op.startswith("folded-") for op in args.operations):
+        folded = checked(lambda: folded_model(model, channels_last=True), model, images, "folded")
+        if folded is not None:
+            ops_ours["folded-log-likelihood"] = lambda x, z, b: (lambda: folded.log_prob(x))
+            ops_ours["folded-decode"] = lambda x, z, b: (lambda: folded.decode(z))
     if "traced-log-likelihood" in args.operations:
         traced = checked(lambda: traced_model(model), model, images, "traced")
         if traced is not None:
@@ -742,7 +739,7 @@ def main(argv: list[str] | None = None) -> int:
                                    "ours_fraction_of_ceiling": gflops / ceiling.gflops}
             line = (f"{op:<22}{batch:>6}{ours:>12.1f}{t.median * 1e3:>9.2f}{gflops:>9.1f}"
                     f"{100 * gflops / ceiling.gflops:>6.0f}%")
-            peer_op = op.removeprefix("fused-").removeprefix("traced-")
+            peer_op = op.removeprefix("folded-").removeprefix("traced-")
             if peer is not None and peer_op in ops_peer:
                 if (peer_op, batch) not in peer_timings:  # each peer figure is measured once, shared by fused rows
                     with torch.inference_mode():
@@ -771,12 +768,12 @@ def main(argv: list[str] | None = None) -> int:
     if ("log-likelihood", 64) in by:
         print(f"  log-likelihood at batch 64: {100 * by['log-likelihood', 64]['ours_fraction_of_ceiling']:.0f}% "
               f"of the conv ceiling (target >= 50%)"
-              + (f"; folded: {100 * by['fused-log-likelihood', 64]['ours_fraction_of_ceiling']:.0f}%"
-                 if ("fused-log-likelihood", 64) in by else ""))
+              + (f"; folded: {100 * by['folded-log-likelihood', 64]['ours_fraction_of_ceiling']:.0f}%"
+                 if ("folded-log-likelihood", 64) in by else ""))
     if peer is not None and ("log-likelihood", 1) in by:
         print(f"  log-likelihood at batch 1: {by['log-likelihood', 1]['ratio']:.2f}x the peer (target >= 3x)"
-              + (f"; folded (bench/fused.py): {by['fused-log-likelihood', 1]['ratio']:.2f}x"
-                 if ("fused-log-likelihood", 1) in by else ""))
+              + (f"; folded (model/inference.py): {by['folded-log-likelihood', 1]['ratio']:.2f}x"
+                 if ("folded-log-likelihood", 1) in by else ""))
         peak, at = best("peer_images_per_s")
         print(f"  peer's best log-likelihood: {peak:.1f} img/s at batch {at}; the served target at concurrency 64 "
               f"is >= 1.5x that: {1.5 * peak:.0f} req/s (see bench/served.py)")

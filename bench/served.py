@@ -18,8 +18,8 @@ Starts a real ``python -m service`` process on 127.0.0.1 (a free port), waits fo
 
 Every run is bounded in time and count; all traffic goes to 127.0.0.1. The full run takes
 about 5 minutes; ``--quick`` is a smoke run of well under 2 minutes. ``--malloc-tuned``,
-``--variant fused|traced`` and ``--switch-interval`` run the same against the service with a
-proposed change applied from outside (``bench/serve_variant.py``), to measure it over HTTP.
+``--variant unfolded|traced`` and ``--switch-interval`` run the same against the service with its
+model form or switch interval swapped from outside (``bench/serve_variant.py``), to compare over HTTP.
 """
 
 from __future__ import annotations
@@ -247,7 +247,7 @@ def run_config(
     port = free_port()
     request = loadgen.build_request("POST", ENDPOINT, HOST, port, body, content_type)
     launcher = ["-m", "service"]
-    if args.variant != "plain" or args.switch_interval is not None:  # the service with bench/serve_variant.py's changes
+    if args.variant != "served" or args.switch_interval is not None:  # the service with bench/serve_variant.py's changes
         launcher = ["-m", "bench.serve_variant", "--variant", args.variant]
         if args.switch_interval is not None:
             launcher += ["--switch-interval", str(args.switch_interval)]
@@ -325,11 +325,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=None,
                    help="the batching run's --max-batch-size (default: the service's own default)")
     p.add_argument("--no-unbatched", action="store_true", help="skip the --max-batch-size 1 run")
-    p.add_argument("--variant", choices=["plain", "fused", "traced"], default="plain",
-                   help="serve the model as shipped (plain) or through bench/serve_variant.py's folded (fused) or "
-                        "TorchScript (traced) form, to measure a proposed optimisation over HTTP")
+    p.add_argument("--variant", choices=["served", "unfolded", "traced"], default="served",
+                   help="the model form the service runs: its own (served: folded), the layer-by-layer Glow "
+                        "(unfolded) or the folded form as TorchScript (traced); see bench/serve_variant.py")
     p.add_argument("--switch-interval", type=float, default=None,
-                   help="the server's sys.setswitchinterval (via bench/serve_variant.py; default: Python's 0.005)")
+                   help="the server's sys.setswitchinterval (via bench/serve_variant.py; default: the service's 0.0005)")
     p.add_argument("--malloc-tuned", action="store_true",
                    help=f"run the servers with GLIBC_TUNABLES={MALLOC_TUNED} (no mmap/munmap of big buffers per batch)")
     p.add_argument("--server-device", default="cpu", help="the service's --device (default cpu; auto: CUDA if present)")

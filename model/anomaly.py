@@ -46,6 +46,7 @@ from PIL import Image
 from torch import Tensor
 
 from model.glow import Glow
+from model.inference import FoldedGlow
 
 METHOD = "z(complexity-corrected bits/dim) + z(latent-energy Mahalanobis) + |z(latent-energy level)|"
 REFERENCE_KEY = "val_anomaly_score"
@@ -89,7 +90,7 @@ def compressed_bits_per_dim(x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def features(model: Glow, x: Tensor) -> Features:
+def features(model: Glow | FoldedGlow, x: Tensor) -> Features:
     """Likelihood and detector inputs of uint8 images x, from one pass through the flow."""
     log_likelihood, latents = model.log_prob_and_latents(x)
     grid = latents[-1].shape[-2:]
@@ -158,7 +159,9 @@ class AnomalyScorer:
 
     method = METHOD
 
-    def __init__(self, model: Glow, calibration: dict[str, Tensor], fpr: float = 0.01) -> None:
+    def __init__(self, model: Glow, calibration: dict[str, Tensor], fpr: float = 0.01,
+                 inference: FoldedGlow | None = None) -> None:
+        """``inference``: a faster equivalent form of ``model`` (``model.inference``) for the float32 pass."""
         missing = [k for k in CALIBRATION_KEYS if k not in calibration]
         if missing:
             raise ValueError(f"the checkpoint's calibration lacks {missing}")
@@ -166,6 +169,7 @@ class AnomalyScorer:
         if reference.ndim != 1 or reference.numel() < 2:
             raise ValueError("the calibration reference must hold at least 2 scores")
         self.model = model
+        self.inference = inference
         self.calibration = {k: calibration[k].double().cpu() for k in CALIBRATION_KEYS}
         self.reference = torch.sort(self.calibration[REFERENCE_KEY]).values
         self.fpr = fpr
@@ -184,7 +188,7 @@ class AnomalyScorer:
 
     def features(self, x: Tensor) -> Features:
         """:func:`features`, recomputed in float64 for any image whose float32 result is not finite."""
-        f = features(self.model, x)
+        f = features(self.inference or self.model, x)
         bad = ~(torch.isfinite(f.log_likelihood) & torch.isfinite(f.log_energy).all(1))
         if bad.any():
             exact = features(self.float64_model(), x[bad.to(x.device)])

@@ -24,6 +24,7 @@ from model.anomaly import AnomalyScorer
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.data import DataError, load_images
 from model.glow import Glow
+from model.inference import FoldedGlow
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         checkpoint = load_checkpoint(args.weights, args.device)
-        scorer = AnomalyScorer(checkpoint.model, checkpoint.calibration, fpr=args.fpr)
+        model = checkpoint.model
+        inference = FoldedGlow(model, channels_last=model.device.type == "cpu")  # what the service runs
+        scorer = AnomalyScorer(model, checkpoint.calibration, fpr=args.fpr, inference=inference)
         in_images = load_images(args.in_dist)[: args.limit]
         sets = {}
         for spec in args.ood:

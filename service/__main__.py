@@ -10,11 +10,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 from types import FrameType
 
+import torch
 import uvicorn
 
 from model.checkpoint import CheckpointError
@@ -67,6 +69,14 @@ def tune_process() -> None:
             libc.mallopt(M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD_BYTES)
 
 
+def model_threads(requested: int) -> int:
+    """``--threads``, or for 0 the cores this process may run on less one (the event loop's), at least 1."""
+    if requested:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     tune_process()
     try:
@@ -74,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
+    torch.set_num_threads(model_threads(settings.threads))
     runner = ModelRunner(settings.weights, settings.device, settings.anomaly_fpr)
     try:
         runner.load()

@@ -36,6 +36,11 @@ class Settings(BaseSettings):
         description="checkpoint folder (glow.safetensors + glow.json) or its .safetensors file",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs; auto: CUDA when present")
+    threads: int = Field(
+        0, ge=0, le=1024,
+        description="torch intra-op threads of the model on the CPU (0: the CPU cores this process may use, less "
+        "one for the event loop, at least 1; measured faster than all cores, see bench/README.md)",
+    )
     max_batch_size: int = Field(64, ge=1, le=65536, description="images per model call (1 turns batching off)")
     max_wait_ms: float = Field(
         0.0, ge=0, le=60_000, allow_inf_nan=False,

@@ -13,6 +13,7 @@ from model.checkpoint import load_checkpoint, save_checkpoint
 from model.evaluate import detection, synthetic_set
 from model.evaluate import main as evaluate_main
 from model.glow import Glow, GlowConfig
+from model.inference import FoldedGlow
 
 CONFIG = GlowConfig(image_shape=(1, 8, 8), levels=2, steps_per_level=2, hidden_channels=16)
 
@@ -56,6 +57,15 @@ def test_calibration_holds_every_key_and_a_reference_from_the_second_half(calibr
     assert torch.isfinite(calibration[REFERENCE_KEY]).all()
     features = calibration["anomaly.energy_mean"].numel()
     assert calibration["anomaly.energy_precision"].shape == (features, features)
+
+
+def test_the_folded_form_gives_the_same_scores(model: Glow, calibration: dict[str, torch.Tensor]) -> None:
+    x = torch.cat([squares(8, seed=2), synthetic_tensor("uniform", 8)])
+    plain = AnomalyScorer(model, calibration).score(x)
+    folded = AnomalyScorer(model, calibration, inference=FoldedGlow(model, channels_last=True)).score(x)
+    torch.testing.assert_close(folded.log_likelihood, plain.log_likelihood, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(folded.anomaly_score, plain.anomaly_score, rtol=1e-4, atol=1e-4)
+    assert torch.equal(folded.is_anomaly, plain.is_anomaly)
 
 
 def test_scores_are_deterministic_and_batch_invariant(model: Glow, calibration: dict[str, torch.Tensor]) -> None:

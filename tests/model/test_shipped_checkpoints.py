@@ -10,6 +10,7 @@ import torch
 from model.checkpoint import load_checkpoint
 from model.data import FASHION_MNIST_DIR, load_images
 from model.evaluate import bits_per_dim
+from model.inference import FoldedGlow
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = {
@@ -52,3 +53,19 @@ def test_test_images_score_as_the_card_states(name: str) -> None:
     assert result.bin_centre == pytest.approx(metrics["test_bits_per_dim_bin_centre"], abs=0.05)
     assert result.dequantized == pytest.approx(metrics["test_bits_per_dim"], abs=0.05)
     assert result.dequantized > result.bin_centre
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_the_folded_form_the_service_runs_matches_the_model(name: str) -> None:
+    folder, data = shipped(name), SHIPPED[name]
+    if not data.is_file():
+        pytest.skip(f"{data} is not installed")
+    model = load_checkpoint(folder).model
+    x = torch.from_numpy(load_images(data)[:64])
+    with torch.inference_mode():
+        reference = model.log_prob(x)
+        for channels_last in (False, True):
+            folded = FoldedGlow(model, channels_last=channels_last)
+            deviation = ((folded.log_prob(x) - reference).abs() / reference.abs()).max()
+            assert float(deviation) < 1e-4, f"channels_last={channels_last}: {float(deviation):.2e}"
+            assert torch.equal(folded.decode(folded.encode(x)), x)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from service_testing import ServerProcess, from_png, queue_depths, random_pixels, to_png, wait_until
 
-from service.__main__ import main
+from service.__main__ import main, model_threads
 from service.client import GlowClient
 
 
@@ -34,6 +34,16 @@ def tampered(tmp_path: Path, tiny_checkpoint: Path) -> Path:
 def one_line(err: str) -> str:
     assert err.count("\n") == 1 and "Traceback" not in err, err
     return err
+
+
+def test_model_threads_leave_a_core_to_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert model_threads(3) == 3  # asked for: taken as is
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert model_threads(0) == 1
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7}, raising=False)
+    assert model_threads(0) == 7
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
+    assert model_threads(0) == 1
 
 
 def test_a_tampered_checkpoint_exits_1_with_one_line(tampered: Path, capsys: pytest.CaptureFixture[str]) -> None:

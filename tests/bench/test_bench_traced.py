@@ -1,13 +1,14 @@
-"""The folded (and TorchScript) inference forms of bench/fused.py keep the model's exactness."""
+"""The TorchScript form of the folded model (bench/traced.py) keeps the model's exactness."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from bench.fused import FusedGlow, TracedGlow
 from bench.model_throughput import perturb_zero_convs
+from bench.traced import TracedGlow
 from model.glow import Glow, GlowConfig
+from model.inference import FoldedGlow
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -30,11 +31,8 @@ def model(one_thread: None) -> Glow:
     return glow.eval()
 
 
-@pytest.mark.parametrize("form", ["fused", "channels_last", "traced"])
-def test_log_likelihood_within_1e4_and_round_trip_exact(model: Glow, form: str) -> None:
-    fused = FusedGlow(model)
-    fast = {"fused": lambda: fused, "channels_last": lambda: fused.to(memory_format=torch.channels_last),
-            "traced": lambda: TracedGlow(fused)}[form]()
+def test_log_likelihood_within_1e4_and_round_trip_exact(model: Glow) -> None:
+    fast = TracedGlow(FoldedGlow(model, channels_last=True))
     x = torch.randint(0, 256, (9, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         for batch in (1, 9):  # traced at batch 8: other batch sizes too
