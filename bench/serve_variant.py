@@ -29,11 +29,11 @@ TOLERANCE = 1e-4
 def check(model: Any, fast: Any, batches: tuple[int, ...] = (1, 7, 64)) -> float:
     """Max relative log-likelihood deviation of ``fast`` from ``model``; raises if it breaks exactness."""
     worst = 0.0
-    generator = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         for batch in batches:
-            x = torch.randint(0, 256, (batch, *model.config.image_shape), generator=generator,
-                              dtype=torch.uint8).to(model.device)
+            # the model's own samples: uniform noise images are too far out for even the float64 model
+            # to invert exactly (latents of ~1e3), whatever the form
+            x = model.sample(batch, temperature=0.7, seed=batch)
             for _ in range(2):  # TorchScript optimises on its first calls: check what it serves afterwards
                 reference, values = model.log_prob(x), fast.log_prob(x)
                 deviation = float(((values.double() - reference.double()).abs() / reference.double().abs()).max())

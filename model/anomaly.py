@@ -46,7 +46,7 @@ from PIL import Image
 from torch import Tensor
 
 from model.glow import Glow
-from model.inference import FoldedGlow
+from model.inference import FoldedGlow, TracedGlow
 
 METHOD = "z(complexity-corrected bits/dim) + z(latent-energy Mahalanobis) + |z(latent-energy level)|"
 REFERENCE_KEY = "val_anomaly_score"
@@ -90,8 +90,12 @@ def compressed_bits_per_dim(x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def features(model: Glow | FoldedGlow, x: Tensor) -> Features:
-    """Likelihood and detector inputs of uint8 images x, from one pass through the flow."""
+def features(model: Glow | FoldedGlow | TracedGlow, x: Tensor, complexity: Tensor | None = None) -> Features:
+    """Likelihood and detector inputs of uint8 images x, from one pass through the flow.
+
+    ``complexity``: :func:`compressed_bits_per_dim` of x, when it was computed elsewhere
+    (the service does it while decoding the request, off the model's thread).
+    """
     log_likelihood, latents = model.log_prob_and_latents(x)
     grid = latents[-1].shape[-2:]
     maps = [F.adaptive_avg_pool2d(eps.square().mean(1, keepdim=True), grid).flatten(1) for eps in latents]
@@ -99,7 +103,7 @@ def features(model: Glow | FoldedGlow, x: Tensor) -> Features:
     return Features(
         log_likelihood=log_likelihood,
         bits_per_dim=model.bits_per_dim(log_likelihood),
-        complexity=compressed_bits_per_dim(x),
+        complexity=compressed_bits_per_dim(x) if complexity is None else complexity.double().cpu(),
         log_energy=torch.log(torch.cat(maps, 1).double().cpu() + ENERGY_FLOOR),
     )
 
@@ -160,7 +164,7 @@ class AnomalyScorer:
     method = METHOD
 
     def __init__(self, model: Glow, calibration: dict[str, Tensor], fpr: float = 0.01,
-                 inference: FoldedGlow | None = None) -> None:
+                 inference: FoldedGlow | TracedGlow | None = None) -> None:
         """``inference``: a faster equivalent form of ``model`` (``model.inference``) for the float32 pass."""
         missing = [k for k in CALIBRATION_KEYS if k not in calibration]
         if missing:
@@ -186,12 +190,12 @@ class AnomalyScorer:
             self._model64 = copy.deepcopy(self.model).double().eval()
         return self._model64
 
-    def features(self, x: Tensor) -> Features:
+    def features(self, x: Tensor, complexity: Tensor | None = None) -> Features:
         """:func:`features`, recomputed in float64 for any image whose float32 result is not finite."""
-        f = features(self.inference or self.model, x)
+        f = features(self.inference or self.model, x, complexity)
         bad = ~(torch.isfinite(f.log_likelihood) & torch.isfinite(f.log_energy).all(1))
         if bad.any():
-            exact = features(self.float64_model(), x[bad.to(x.device)])
+            exact = features(self.float64_model(), x[bad.to(x.device)], f.complexity[bad])
             for name in Features.__dataclass_fields__:
                 getattr(f, name)[bad] = getattr(exact, name)
         return f
@@ -202,8 +206,9 @@ class AnomalyScorer:
         return _combine(detectors, c["anomaly.z_mean"], c["anomaly.z_std"])
 
     @torch.no_grad()
-    def score(self, x: Tensor) -> Scores:
-        f = self.features(x)
+    def score(self, x: Tensor, complexity: Tensor | None = None) -> Scores:
+        """Scores of uint8 images x; ``complexity`` as in :func:`features`."""
+        f = self.features(x, complexity)
         score = self.anomaly_score(f)
         return Scores(
             log_likelihood=f.log_likelihood,

@@ -10,10 +10,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import math
 import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 
 import torch
@@ -69,12 +71,24 @@ def tune_process() -> None:
             libc.mallopt(M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD_BYTES)
 
 
-def model_threads(requested: int) -> int:
-    """``--threads``, or for 0 the cores this process may run on less one (the event loop's), at least 1."""
-    if requested:
-        return requested
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2 CPU quota: "<quota> <period>" or "max <period>"
+
+
+def usable_cores(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """The cores this process may run on: its CPU affinity, capped by a container's CPU quota."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores - 1)
+    try:
+        quota, period = cpu_max.read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota to read: the affinity stands
+    return cores
+
+
+def model_threads(requested: int, cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """``--threads``, or for 0 the usable cores less one (the event loop's), at least 1."""
+    return requested or max(1, usable_cores(cpu_max) - 1)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -85,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
     torch.set_num_threads(model_threads(settings.threads))
-    runner = ModelRunner(settings.weights, settings.device, settings.anomaly_fpr)
+    runner = ModelRunner(settings.weights, settings.device, settings.anomaly_fpr, settings.torchscript)
     try:
         runner.load()
     except (CheckpointError, DeviceUnavailable) as exc:

@@ -2,8 +2,11 @@
 
 Batches run through the folded inference form of the checkpoint's Glow
 (``model.inference.FoldedGlow``: same log-likelihoods to ~1e-6 relative, the same
-latents, decode(encode(x)) == x), channels_last on the CPU where it measured faster;
-the plain Glow in float64 rescores the rare image float32 overflows on.
+latents, decode(encode(x)) == x), channels_last on the CPU where it measured faster,
+as frozen TorchScript graphs (``TracedGlow``) unless ``torchscript=False``. The graphs
+are checked against the eager form at load; should they differ or fail to build, the
+runner logs why and serves the eager form. The plain Glow in float64 rescores the rare
+image float32 overflows on.
 
 The batch functions take and return numpy arrays and plain numbers, so nothing above
 this module touches a tensor. They run in a single worker thread under
@@ -15,6 +18,7 @@ a time on the device.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,16 +28,30 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from model.anomaly import AnomalyScorer
+from model.anomaly import AnomalyScorer, compressed_bits_per_dim
 from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from model.glow import Glow
-from model.inference import FoldedGlow
+from model.inference import FoldedGlow, TracedGlow
 
 T = TypeVar("T")
+log = logging.getLogger("service.runner")
+GRAPH_TOLERANCE = 1e-5  # relative log-likelihood deviation of the graphs from the eager form they trace
 
 
 class DeviceUnavailable(RuntimeError):
     """The requested device is not present on this machine."""
+
+
+@dataclass(frozen=True)
+class Scorable:
+    """An image to score, with its length under the generic lossless compressor (bits/dim).
+
+    Made by :meth:`ModelRunner.scorable` in the thread that decodes the request, so the
+    compression (a tenth of a batch's scoring time) runs beside the model, not in its thread.
+    """
+
+    pixels: np.ndarray  # (C, H, W) uint8
+    complexity: float
 
 
 @dataclass(frozen=True)
@@ -64,16 +82,35 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_graphs(folded: FoldedGlow, traced: TracedGlow, batches: tuple[int, ...] = (1, 5)) -> None:
+    """Raise unless the graphs give the eager form's log-likelihoods and images on the model's own samples."""
+    with torch.inference_mode():
+        for batch in batches:
+            z = torch.randn(batch, folded.latent_dim, generator=torch.Generator().manual_seed(batch)).to(folded.device)
+            x = folded.decode(0.7 * z)
+            for _ in range(2):  # a TorchScript graph is optimised on its first calls: check what runs afterwards
+                expected, got = folded.log_prob(x).double(), traced.log_prob(x).double()
+                deviation = float(((got - expected).abs() / expected.abs()).max())
+                if not deviation <= GRAPH_TOLERANCE:
+                    raise RuntimeError(f"log-likelihoods deviate {deviation:.1e} relative at batch {batch}")
+                if not torch.equal(traced.decode(traced.encode(x)), folded.decode(folded.encode(x))):
+                    raise RuntimeError(f"decode(encode(x)) differs from the eager form's at batch {batch}")
+
+
 class ModelRunner:
     """A checkpoint loaded on a device, with batch functions over numpy arrays."""
 
-    def __init__(self, weights: Path, device: str = "auto", anomaly_fpr: float = 0.01) -> None:
+    def __init__(
+        self, weights: Path, device: str = "auto", anomaly_fpr: float = 0.01, torchscript: bool = True
+    ) -> None:
         self.weights = weights
         self.requested_device = device
         self.anomaly_fpr = anomaly_fpr
+        self.torchscript = torchscript
         self._checkpoint: Checkpoint | None = None
         self._scorer: AnomalyScorer | None = None
-        self._inference: FoldedGlow | None = None
+        self._inference: FoldedGlow | TracedGlow | None = None
+        self.form = "not loaded"  # which form serves: "torchscript" or "eager"
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glow-model")
 
     # ------------------------------------------------------------- loading
@@ -83,7 +120,16 @@ class ModelRunner:
             return
         checkpoint = load_checkpoint(self.weights, resolve_device(self.requested_device))
         model = checkpoint.model.eval()
-        inference = FoldedGlow(model, channels_last=model.device.type == "cpu")  # NHWC: faster on CPU (bench/)
+        folded = FoldedGlow(model, channels_last=model.device.type == "cpu")  # NHWC: faster on CPU (bench/)
+        inference: FoldedGlow | TracedGlow = folded
+        self.form = "eager"
+        if self.torchscript:
+            try:
+                traced = TracedGlow(folded)
+                check_graphs(folded, traced)
+                inference, self.form = traced, "torchscript"
+            except Exception as exc:  # any failure to build or match: the eager form is exact and serves
+                log.warning("TorchScript form unusable (%s: %s); serving the eager form", type(exc).__name__, exc)
         try:
             scorer = AnomalyScorer(model, checkpoint.calibration, fpr=self.anomaly_fpr, inference=inference)
         except ValueError as exc:
@@ -105,7 +151,7 @@ class ModelRunner:
         return self.checkpoint.model
 
     @property
-    def inference(self) -> FoldedGlow:
+    def inference(self) -> FoldedGlow | TracedGlow:
         """The folded form of the model (``model.inference``) that every batch runs through."""
         if self._inference is None:
             raise RuntimeError("the checkpoint is not loaded")
@@ -155,7 +201,7 @@ class ModelRunner:
         """Run batch 1 and the largest batch through every operation (allocators, kernels, caches)."""
         for size in sorted({1, max_batch_size}):
             images = [np.zeros(self.image_shape, dtype=np.uint8)] * size
-            self.score_batch(images)
+            self.score_batch(self.scorable(images))
             self.encode_batch(images)
             self.decode_batch(list(self.sample_noise(size, 1.0, seed=0)))
 
@@ -163,9 +209,18 @@ class ModelRunner:
     def _pixels(self, images: list[np.ndarray]) -> torch.Tensor:
         return torch.from_numpy(np.stack(images)).to(self.model.device)  # (B, C, H, W) uint8
 
-    def score_batch(self, images: list[np.ndarray]) -> list[Score]:
-        """uint8 images (C, H, W) -> their log-likelihoods and anomaly scores."""
-        scores = self.scorer.score(self._pixels(images))
+    @staticmethod
+    def scorable(images: list[np.ndarray]) -> list[Scorable]:
+        """uint8 images (C, H, W) -> what :meth:`score_batch` takes (any thread)."""
+        if not images:
+            return []
+        complexity = compressed_bits_per_dim(torch.from_numpy(np.stack(images))).tolist()
+        return [Scorable(image, c) for image, c in zip(images, complexity)]
+
+    def score_batch(self, items: list[Scorable]) -> list[Score]:
+        """Images with their complexity -> their log-likelihoods and anomaly scores."""
+        complexity = torch.tensor([item.complexity for item in items], dtype=torch.float64)
+        scores = self.scorer.score(self._pixels([item.pixels for item in items]), complexity)
         return [
             Score(float(ll), float(bpd), float(score), float(pct), bool(flag))
             for ll, bpd, score, pct, flag in zip(

@@ -17,7 +17,7 @@ import numpy as np
 
 from service.batcher import Batcher
 from service.metrics import Metrics
-from service.runner import Encoded, ModelRunner, Score
+from service.runner import Encoded, ModelRunner, Scorable, Score
 from service.schemas import AnomalyInfo, Batching, Limits, ModelInfo
 from service.settings import Settings
 
@@ -44,7 +44,7 @@ class ServiceState:
                 name=operation.replace("_", "-"),
             )
 
-        self.scores: Batcher[np.ndarray, Score] = batcher(LOG_LIKELIHOOD, runner.score_batch)
+        self.scores: Batcher[Scorable, Score] = batcher(LOG_LIKELIHOOD, runner.score_batch)
         self.encodings: Batcher[np.ndarray, Encoded] = batcher(ENCODE, runner.encode_batch)
         self.decodings: Batcher[np.ndarray, np.ndarray] = batcher(DECODE, runner.decode_batch)
         self.samples: Batcher[np.ndarray, np.ndarray] = batcher(SAMPLE, runner.decode_batch)
@@ -82,6 +82,7 @@ class ServiceState:
                 "weights_sha256": info.weights_sha256,
                 "device": info.device,
                 "dtype": info.dtype,
+                "form": self.runner.form,
             }
         )
         for operation, batcher in self.batchers.items():

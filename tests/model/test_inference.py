@@ -1,4 +1,4 @@
-"""The folded inference form against the model it folds: same likelihoods, latents and images."""
+"""The folded inference form (eager and TorchScript) against the model it folds: same likelihoods, latents, images."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from test_glow import TINY, images, tiny_glow
 
 from model.glow import GlowConfig
-from model.inference import FoldedGlow
+from model.inference import FoldedGlow, TracedGlow
 
 CONFIGS = {
     "grey": TINY,
@@ -15,14 +15,19 @@ CONFIGS = {
     "5 bits": GlowConfig(image_shape=(1, 8, 8), levels=2, steps_per_level=3, hidden_channels=8, n_bits=5),
 }
 TOLERANCE = 1e-4  # relative, on log-likelihoods: the issue's bound for any optimisation
+FORMS = {
+    "nchw": lambda model: FoldedGlow(model),
+    "channels_last": lambda model: FoldedGlow(model, channels_last=True),
+    "traced": lambda model: TracedGlow(FoldedGlow(model, channels_last=True)),  # traced at batch 8
+}
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_log_likelihoods_and_latents_match_the_model(name: str, channels_last: bool) -> None:
+def test_log_likelihoods_and_latents_match_the_model(name: str, form: str) -> None:
     config = CONFIGS[name]
     model = tiny_glow(config)
-    folded = FoldedGlow(model, channels_last=channels_last)
+    folded = FORMS[form](model)
     x = images(16, config)
     with torch.inference_mode():
         reference, latents = model.log_prob_and_latents(x)
@@ -38,12 +43,12 @@ def test_log_likelihoods_and_latents_match_the_model(name: str, channels_last: b
     assert torch.equal(folded.bits_per_dim(values), model.bits_per_dim(values))
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_decode_inverts_encode_pixel_for_pixel(name: str, channels_last: bool) -> None:
+def test_decode_inverts_encode_pixel_for_pixel(name: str, form: str) -> None:
     config = CONFIGS[name]
     model = tiny_glow(config)
-    folded = FoldedGlow(model, channels_last=channels_last)
+    folded = FORMS[form](model)
     x = images(16, config)
     if config.n_bits < 8:  # the model sees the top n bits: those are what comes back
         x = x // 2 ** (8 - config.n_bits) * 2 ** (8 - config.n_bits)
@@ -53,9 +58,10 @@ def test_decode_inverts_encode_pixel_for_pixel(name: str, channels_last: bool) -
         assert torch.equal(folded.decode(model.encode(x)), x)
 
 
-def test_decoded_samples_match_the_model() -> None:
+@pytest.mark.parametrize("form", list(FORMS))
+def test_decoded_samples_match_the_model(form: str) -> None:
     model = tiny_glow()
-    folded = FoldedGlow(model, channels_last=True)
+    folded = FORMS[form](model)
     z = 0.7 * torch.randn(64, model.latent_dim, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         mine, theirs = folded.decode(z).int(), model.decode(z).int()
@@ -63,8 +69,9 @@ def test_decoded_samples_match_the_model() -> None:
     assert int((mine - theirs).abs().max()) <= 1 and float((mine == theirs).double().mean()) > 0.999
 
 
-def test_batches_are_scored_like_single_images() -> None:
-    folded = FoldedGlow(tiny_glow(), channels_last=True)
+@pytest.mark.parametrize("form", list(FORMS))
+def test_batches_are_scored_like_single_images(form: str) -> None:
+    folded = FORMS[form](tiny_glow())
     x = images(5)
     with torch.inference_mode():
         together = folded.log_prob(x)
@@ -96,8 +103,9 @@ def test_folding_snapshots_the_parameters() -> None:
         assert not torch.allclose(model.log_prob(x), before)
 
 
-def test_refuses_what_the_model_refuses() -> None:
-    folded = FoldedGlow(tiny_glow())
+@pytest.mark.parametrize("form", list(FORMS))
+def test_refuses_what_the_model_refuses(form: str) -> None:
+    folded = FORMS[form](tiny_glow())
     with pytest.raises(TypeError, match="uint8"):
         folded.log_prob(torch.zeros(1, 1, 8, 8))
     with pytest.raises(ValueError, match="latents must have shape"):

@@ -16,7 +16,7 @@ from service_testing import eventually, files, random_pixels, to_png
 
 from model.checkpoint import Checkpoint, CheckpointError
 from service.app import create_app
-from service.runner import ModelRunner, Score
+from service.runner import ModelRunner, Scorable, Score
 from service.settings import Settings
 
 WAIT_S = 10  # real seconds before a wait on the model thread counts as a failure
@@ -33,7 +33,7 @@ class GatedRunner(ModelRunner):
         self.batches: list[int] = []
         self.fail_next = False
 
-    def score_batch(self, images: list[np.ndarray]) -> list[Score]:
+    def score_batch(self, images: list[Scorable]) -> list[Score]:
         self.batches.append(len(images))
         self.entered.set()
         if not self.gate.wait(WAIT_S):

@@ -36,14 +36,22 @@ def one_line(err: str) -> str:
     return err
 
 
-def test_model_threads_leave_a_core_to_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert model_threads(3) == 3  # asked for: taken as is
+def test_model_threads_leave_a_core_to_the_event_loop(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    no_quota = tmp_path / "absent"
+    assert model_threads(3, no_quota) == 3  # asked for: taken as is
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    assert model_threads(0) == 1
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7}, raising=False)
-    assert model_threads(0) == 7
+    assert model_threads(0, no_quota) == 1
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert model_threads(0, no_quota) == 15
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("250000 100000\n")  # a container limited to 2.5 CPUs of the 16
+    assert model_threads(0, cpu_max) == 2
+    cpu_max.write_text("max 100000\n")
+    assert model_threads(0, cpu_max) == 15
+    cpu_max.write_text("garbage")
+    assert model_threads(0, cpu_max) == 15
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
-    assert model_threads(0) == 1
+    assert model_threads(0, no_quota) == 1
 
 
 def test_a_tampered_checkpoint_exits_1_with_one_line(tampered: Path, capsys: pytest.CaptureFixture[str]) -> None:

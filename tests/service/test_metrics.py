@@ -40,6 +40,7 @@ async def test_metrics_count_what_happened(client: httpx.AsyncClient) -> None:
         assert value("glow_queue_depth", operation=operation) == 0
     info = next(labels for (name, labels) in seen if name == "glow_model_info")
     assert dict(info)["name"] == "tiny" and dict(info)["device"] == "cpu" and dict(info)["image_shape"] == "1x28x28"
+    assert dict(info)["form"] == "torchscript"
 
 
 def test_batch_size_buckets_end_at_the_largest_batch() -> None:

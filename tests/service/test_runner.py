@@ -11,9 +11,10 @@ import pytest
 import torch
 from service_testing import SHAPE, random_pixels
 
-from model.anomaly import AnomalyScorer
+from model.anomaly import AnomalyScorer, compressed_bits_per_dim
 from model.checkpoint import Checkpoint, CheckpointError, save_checkpoint
-from service.runner import DeviceUnavailable, ModelRunner, resolve_device
+from model.inference import FoldedGlow, TracedGlow
+from service.runner import DeviceUnavailable, ModelRunner, Scorable, resolve_device
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +23,30 @@ def runner(tiny_checkpoint: Path) -> Iterator[ModelRunner]:
     loaded.load()
     yield loaded
     loaded.close()
+
+
+def test_batches_run_through_the_checked_torchscript_form(runner: ModelRunner) -> None:
+    assert runner.form == "torchscript" and isinstance(runner.inference, TracedGlow)
+
+
+def test_torchscript_can_be_turned_off(tiny_checkpoint: Path) -> None:
+    eager = ModelRunner(tiny_checkpoint, "cpu", torchscript=False)
+    eager.load()
+    assert eager.form == "eager" and isinstance(eager.inference, FoldedGlow)
+
+
+def test_graphs_that_disagree_are_not_served(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    class WrongGraphs(TracedGlow):
+        def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+            return super().log_prob(x) * 1.001
+
+    monkeypatch.setattr("service.runner.TracedGlow", WrongGraphs)
+    fallback = ModelRunner(tiny_checkpoint, "cpu")
+    fallback.load()
+    assert fallback.form == "eager" and isinstance(fallback.inference, FoldedGlow)
+    assert "TorchScript form unusable (RuntimeError: log-likelihoods deviate" in caplog.text
+    assert len(fallback.score_batch(fallback.scorable(random_pixels(2, 0)))) == 2
 
 
 def test_auto_picks_cuda_when_present() -> None:
@@ -44,10 +69,25 @@ def test_a_checkpoint_without_calibration_is_refused(tmp_path: Path, reference: 
 def test_scores_match_the_scorer(runner: ModelRunner, reference_scorer: AnomalyScorer) -> None:
     images = random_pixels(5, 0)
     expected = reference_scorer.score(torch.from_numpy(np.stack(images)))
-    scores = runner.score_batch(images)
+    scores = runner.score_batch(runner.scorable(images))
     assert [s.log_likelihood for s in scores] == pytest.approx(expected.log_likelihood.tolist(), rel=1e-6)
     assert [s.percentile for s in scores] == expected.percentile.tolist()
     assert [s.is_anomaly for s in scores] == expected.is_anomaly.tolist()
+
+
+def test_the_compression_is_measured_where_scorable_runs(runner: ModelRunner, reference_scorer: AnomalyScorer) -> None:
+    images = random_pixels(3, 2)
+    items = runner.scorable(images)
+    expected = compressed_bits_per_dim(torch.from_numpy(np.stack(images))).tolist()
+    assert [item.complexity for item in items] == expected and all(i.pixels is p for i, p in zip(items, images))
+    assert runner.scorable([]) == []
+    # the complexity given is the complexity used: a different one moves the anomaly score
+    shifted = [Scorable(item.pixels, item.complexity + 1.0) for item in items]
+    assert [s.log_likelihood for s in runner.score_batch(shifted)] == [
+        s.log_likelihood for s in runner.score_batch(items)
+    ]
+    assert all(a.anomaly_score != b.anomaly_score
+               for a, b in zip(runner.score_batch(shifted), runner.score_batch(items)))
 
 
 def test_encode_decode_and_sample_match_the_model(runner: ModelRunner, reference: Checkpoint) -> None:
@@ -74,7 +114,7 @@ def test_warm_up_runs_batch_one_and_the_largest(tiny_checkpoint: Path) -> None:
     sizes: list[int] = []
 
     class Recording(ModelRunner):
-        def score_batch(self, images: list[np.ndarray]) -> list:  # type: ignore[type-arg]
+        def score_batch(self, images: list[Scorable]) -> list:  # type: ignore[type-arg]
             sizes.append(len(images))
             return super().score_batch(images)
 

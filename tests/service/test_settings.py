@@ -87,3 +87,15 @@ def test_main_exits_2_with_one_line_for_a_bad_setting(capsys: pytest.CaptureFixt
     assert main(["--max-batch-size", "-3"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("python -m service: invalid settings: --max-batch-size")
+
+
+def test_the_readme_lists_every_setting_with_its_default() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for name, field in Settings.model_fields.items():
+        default = str(field.default).lower() if isinstance(field.default, bool) else field.default
+        if isinstance(default, Path):  # absolute here, relative to the checkout in the README
+            default = default.relative_to(Path(__file__).resolve().parents[2])
+        if isinstance(default, float) and default.is_integer():
+            default = int(default)
+        row = f"| `{flag(name)}` | `{default}` |"
+        assert row in readme, f"README's settings table lacks {row}"
