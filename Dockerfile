@@ -80,9 +80,8 @@ WORKDIR /app
 #   once installed non-editable.
 # glibc's malloc thresholds are pinned by the service itself at start (mallopt, see
 #   service/__main__.py: tune_process), so no MALLOC_* variables are needed here.
-# Torch's intra-op threads default to the host's physical cores, not the container's CPU
-#   quota: give a CPU-limited container OMP_NUM_THREADS=<its CPUs> (deploy/kubernetes.yaml
-#   sets it from the CPU limit).
+# Torch's intra-op threads are set by the service (GLOW_THREADS, default 0: the container's
+#   CPU quota or affinity, less one for the event loop), not by OMP_NUM_THREADS.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
