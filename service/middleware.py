@@ -6,11 +6,13 @@ the request's task is the handler's own (a client's disconnect reaches the handl
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
 import time
 import uuid
+
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -19,6 +21,10 @@ from service.metrics import Metrics
 
 REQUEST_ID_HEADER = "X-Request-ID"
 CLIENT_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,200}")  # echoed when visible ASCII of sane length
+# Our own IDs: a random prefix per process and a counter, 32 hex digits. Unique, not secret; a
+# uuid4 per request (an os.urandom call) took 5% of the event loop's time at concurrency 64.
+_ID_PREFIX = uuid.uuid4().hex[:20]
+_ID_COUNTER = itertools.count()
 
 access_log = logging.getLogger("service.access")
 
@@ -46,7 +52,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         client_id = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
-        request_id = client_id if CLIENT_REQUEST_ID.fullmatch(client_id) else uuid.uuid4().hex
+        request_id = client_id if CLIENT_REQUEST_ID.fullmatch(client_id) else f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         started = time.perf_counter()
