@@ -3,7 +3,7 @@
 Raw likelihood is a poor anomaly score: a flow trained on Fashion-MNIST gives MNIST
 digits *higher* likelihood than its own test images (Nalisnick et al., ICLR 2019),
 because likelihood is dominated by how simple an image is. The score here combines
-three detectors, each standardised (z-scored) against in-distribution validation
+four detectors, each standardised (z-scored) against in-distribution validation
 images, and adds them, so evidence from all of them accumulates:
 
 1. complexity-corrected likelihood (Serra et al., ICLR 2020):
@@ -18,8 +18,15 @@ images, and adds them, so evidence from all of them accumulates:
 3. latent-energy level: the mean of those log maps, two-sided (|z|): a typicality
    test (Nalisnick et al., 2019, arXiv:1906.02994) in latent space. Noise lifts the
    energy everywhere, a shift the covariance of detector 2 partly explains away.
+4. global given local: the nats of the top level, n_L = sum(eps_L^2)/2 - log|det_L|,
+   less what a linear fit on validation images predicts from the lower levels' n_l;
+   one-sided. A multi-scale flow's lower levels model local texture, which most image
+   sets share, its top level the global layout (Schirrmeister et al., NeurIPS 2020,
+   arXiv:2006.10848): an image whose layout costs more than its texture predicts is
+   out of place even where its pixel statistics are not (Fashion-MNIST upside down:
+   0.73 -> 0.80 AUROC with this detector added, no loss on the other sets).
 
-Both come from the one forward pass that computes the likelihood (plus one WebP
+All come from the one forward pass that computes the likelihood (plus one WebP
 encoding of a 28x28 image, ~0.2 ms). Calibration, from the checkpoint's validation
 split only: the first half fits the detectors' statistics, the second half gives
 the reference scores, from which ``percentile`` and the threshold at a target
@@ -28,8 +35,9 @@ fitted it.
 
 Measured alternatives (README, "Anomaly scores"): raw bits/dim, each detector alone,
 the max, log-sum-exp or L2 norm of the z-scores, finer (14x14) or PCA-reduced energy
-maps, row/column intensity profiles; this sum was the best on every OOD set but the
-flipped images, where nothing measured reached 0.8 AUROC.
+maps, row/column intensity profiles, a Mahalanobis distance of the raw top-level
+latents; this sum was the best on every OOD set but the flipped images, where nothing
+measured reached 0.9 AUROC.
 """
 
 from __future__ import annotations
@@ -48,9 +56,11 @@ from torch import Tensor
 from model.glow import Glow
 from model.inference import FoldedGlow, TracedGlow
 
-METHOD = "z(complexity-corrected bits/dim) + z(latent-energy Mahalanobis) + |z(latent-energy level)|"
+METHOD = ("z(complexity-corrected bits/dim) + z(latent-energy Mahalanobis) + |z(latent-energy level)| "
+          "+ z(top-level nats given the lower levels')")
 REFERENCE_KEY = "val_anomaly_score"
-CALIBRATION_KEYS = ("anomaly.z_mean", "anomaly.z_std", "anomaly.energy_mean", "anomaly.energy_precision", REFERENCE_KEY)
+CALIBRATION_KEYS = ("anomaly.z_mean", "anomaly.z_std", "anomaly.energy_mean", "anomaly.energy_precision",
+                    "anomaly.level_coef", REFERENCE_KEY)
 ENERGY_FLOOR = 1e-6  # keeps log(energy) finite for an all-zero latent patch
 SCORE_CAP = 1e6  # scores of images the model cannot score at all (overflow) are capped, not NaN
 
@@ -74,6 +84,7 @@ class Features:
     bits_per_dim: Tensor  # (B,)
     complexity: Tensor  # (B,) bits/dim of the WebP-lossless encoding
     log_energy: Tensor  # (B, F) log latent-energy maps of every level, concatenated
+    level_nats: Tensor  # (B, L) each level's sum(eps^2)/2 - log|det| (its share of -log p, less constants)
 
 
 def compressed_bits_per_dim(x: Tensor) -> Tensor:
@@ -96,15 +107,17 @@ def features(model: Glow | FoldedGlow | TracedGlow, x: Tensor, complexity: Tenso
     ``complexity``: :func:`compressed_bits_per_dim` of x, when it was computed elsewhere
     (the service does it while decoding the request, off the model's thread).
     """
-    log_likelihood, latents = model.log_prob_and_latents(x)
+    log_likelihood, latents, level_logdets = model.log_prob_and_levels(x)
     grid = latents[-1].shape[-2:]
     maps = [F.adaptive_avg_pool2d(eps.square().mean(1, keepdim=True), grid).flatten(1) for eps in latents]
+    nats = [0.5 * eps.double().square().flatten(1).sum(1) - ld.double() for eps, ld in zip(latents, level_logdets)]
     log_likelihood = log_likelihood.double().cpu()
     return Features(
         log_likelihood=log_likelihood,
         bits_per_dim=model.bits_per_dim(log_likelihood),
         complexity=compressed_bits_per_dim(x) if complexity is None else complexity.double().cpu(),
         log_energy=torch.log(torch.cat(maps, 1).double().cpu() + ENERGY_FLOOR),
+        level_nats=torch.stack(nats, 1).cpu(),
     )
 
 
@@ -113,16 +126,23 @@ def _mahalanobis_squared(values: Tensor, mean: Tensor, precision: Tensor) -> Ten
     return ((centred @ precision) * centred).sum(1)
 
 
-def _detectors(f: Features, energy_mean: Tensor, energy_precision: Tensor) -> Tensor:
-    """(B, 3): complexity-corrected bits/dim, latent-energy Mahalanobis distance^2, mean log energy."""
+def _lower_levels(level_nats: Tensor) -> Tensor:
+    """(B, L): the lower levels' nats and a column of ones, the regressors of the top level's."""
+    return torch.cat([level_nats[:, :-1], torch.ones_like(level_nats[:, :1])], 1)
+
+
+def _detectors(f: Features, energy_mean: Tensor, energy_precision: Tensor, level_coef: Tensor) -> Tensor:
+    """(B, 4): complexity-corrected bits/dim, latent-energy Mahalanobis distance^2, mean log energy,
+    top-level nats less their prediction from the lower levels'."""
     corrected = f.bits_per_dim - f.complexity
     distance = _mahalanobis_squared(f.log_energy, energy_mean, energy_precision)
-    return torch.stack([corrected, distance, f.log_energy.mean(1)], 1)
+    surprise = f.level_nats[:, -1] - _lower_levels(f.level_nats) @ level_coef
+    return torch.stack([corrected, distance, f.log_energy.mean(1), surprise], 1)
 
 
 def _combine(detectors: Tensor, z_mean: Tensor, z_std: Tensor) -> Tensor:
     z = (detectors - z_mean) / z_std
-    score = z[:, 0] + z[:, 1] + z[:, 2].abs()  # the first two are one-sided, the level two-sided
+    score = z[:, 0] + z[:, 1] + z[:, 2].abs() + z[:, 3]  # the level is two-sided, the others one-sided
     return torch.nan_to_num(score, nan=SCORE_CAP, posinf=SCORE_CAP).clamp(max=SCORE_CAP)
 
 
@@ -140,13 +160,15 @@ def calibrate(model: Glow, images: Tensor, batch_size: int = 256) -> dict[str, T
     shrunk = LedoitWolf().fit(fit.numpy())
     energy_mean = torch.from_numpy(shrunk.location_).double()
     energy_precision = torch.from_numpy(shrunk.precision_).double()
-    detectors = _detectors(f, energy_mean, energy_precision)
+    level_coef = torch.linalg.lstsq(_lower_levels(f.level_nats[:half]), f.level_nats[:half, -1:]).solution.flatten()
+    detectors = _detectors(f, energy_mean, energy_precision, level_coef)
     z_mean, z_std = detectors[:half].mean(0), detectors[:half].std(0)
     return {
         "anomaly.z_mean": z_mean,
         "anomaly.z_std": z_std,
         "anomaly.energy_mean": energy_mean,
         "anomaly.energy_precision": energy_precision,
+        "anomaly.level_coef": level_coef,
         REFERENCE_KEY: _combine(detectors[half:], z_mean, z_std),
     }
 
@@ -193,7 +215,8 @@ class AnomalyScorer:
     def features(self, x: Tensor, complexity: Tensor | None = None) -> Features:
         """:func:`features`, recomputed in float64 for any image whose float32 result is not finite."""
         f = features(self.inference or self.model, x, complexity)
-        bad = ~(torch.isfinite(f.log_likelihood) & torch.isfinite(f.log_energy).all(1))
+        bad = ~(torch.isfinite(f.log_likelihood) & torch.isfinite(f.log_energy).all(1)
+                & torch.isfinite(f.level_nats).all(1))
         if bad.any():
             exact = features(self.float64_model(), x[bad.to(x.device)], f.complexity[bad])
             for name in Features.__dataclass_fields__:
@@ -202,7 +225,7 @@ class AnomalyScorer:
 
     def anomaly_score(self, f: Features) -> Tensor:
         c = self.calibration
-        detectors = _detectors(f, c["anomaly.energy_mean"], c["anomaly.energy_precision"])
+        detectors = _detectors(f, c["anomaly.energy_mean"], c["anomaly.energy_precision"], c["anomaly.level_coef"])
         return _combine(detectors, c["anomaly.z_mean"], c["anomaly.z_std"])
 
     @torch.no_grad()

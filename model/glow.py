@@ -73,6 +73,14 @@ class GlowConfig:
         return cls(**data)  # type: ignore[arg-type]
 
 
+def _total(level_logdets: list[Tensor], batch: int) -> Tensor:
+    """The whole flow's log|det| from the levels', in level order."""
+    logdet = level_logdets[0].new_zeros(batch)
+    for ld in level_logdets:
+        logdet = logdet + ld
+    return logdet
+
+
 class Level(nn.Module):
     """One scale: squeeze, K flow steps, then a split (or, last, the top prior)."""
 
@@ -138,14 +146,18 @@ class Glow(nn.Module):
     # -------------------------------------------------------------- the flow
     def flow_forward(self, y: Tensor) -> tuple[list[Tensor], Tensor]:
         """Continuous input y in [-0.5, 0.5)^D -> (eps of every level, log|det dz/dy|)."""
-        logdet = y.new_zeros(y.shape[0])
-        latents = []
+        latents, level_logdets = self.flow_forward_levels(y)
+        return latents, _total(level_logdets, y.shape[0])
+
+    def flow_forward_levels(self, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """:meth:`flow_forward` with log|det| kept per level (squeeze, K steps, split prior), each (B,)."""
+        latents, level_logdets = [], []
         x = y
         for level in self.levels:
             x, eps, ld = level(x)
             latents.append(eps)
-            logdet = logdet + ld
-        return latents, logdet
+            level_logdets.append(ld)
+        return latents, level_logdets
 
     def flow_inverse(self, latents: list[Tensor]) -> Tensor:
         """eps of every level -> continuous image y."""
@@ -190,11 +202,19 @@ class Glow(nn.Module):
 
     def log_prob_and_latents(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
         """:meth:`log_prob` and the eps of every level, from the same pass."""
-        latents, logdet = self.flow_forward(self.to_continuous(x, noise))
+        log_prob, latents, _ = self.log_prob_and_levels(x, noise)
+        return log_prob, latents
+
+    def log_prob_and_levels(
+        self, x: Tensor, noise: Tensor | None = None
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """:meth:`log_prob_and_latents` and each level's log|det| (B,), which sum to the whole flow's."""
+        latents, level_logdets = self.flow_forward_levels(self.to_continuous(x, noise))
         log_normal = sum(
             (-0.5 * (eps**2 + math.log(2 * math.pi))).flatten(1).sum(1) for eps in latents
         )
-        return log_normal + logdet - self.config.dims * self.config.n_bits * math.log(2), latents
+        logdet = _total(level_logdets, x.shape[0])
+        return log_normal + logdet - self.config.dims * self.config.n_bits * math.log(2), latents, level_logdets
 
     def forward(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
         """Same as :meth:`log_prob` (so DistributedDataParallel can wrap the training objective)."""

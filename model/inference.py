@@ -92,10 +92,11 @@ class FoldedGlow:
         self.device = model.device
         self.channels_last = channels_last
         self._to_continuous, self._to_pixels = model.to_continuous, model.to_pixels  # uint8 <-> bin centres
-        constant = 0.0  # every input-independent log|det|, float64
+        level_constants = []  # each level's input-independent log|det|, float64
         levels = []
         for level in model.levels:
             h, w = level.latent_shape[1:]
+            constant = 0.0
             steps = []
             for step in level.steps:
                 log_s = step.actnorm.log_scale.detach().double().flatten()
@@ -127,9 +128,11 @@ class FoldedGlow:
                     self._map(mean), self._map(torch.exp(log_sigma)), self._map(torch.exp(-log_sigma)),
                     self._map(-mean * torch.exp(-log_sigma)),
                 ))
+            level_constants.append(constant)
         self.levels = tuple(levels)
+        self.level_constants = level_constants
         d, n = self.config.dims, self.config.n_bits
-        self.constant = constant - d * n * math.log(2) - 0.5 * d * math.log(2 * math.pi)
+        self.constant = sum(level_constants) - d * n * math.log(2) - 0.5 * d * math.log(2 * math.pi)
 
     # --------------------------------------------------------------- set-up
     def _cast(self, t: Tensor) -> Tensor:
@@ -169,10 +172,9 @@ class FoldedGlow:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     # ------------------------------------------------------------ the flow
-    def _forward(self, y: Tensor) -> tuple[list[Tensor], Tensor]:
-        """Continuous y -> (eps of every level, the input-dependent part of log|det|)."""
-        logdet = y.new_zeros(y.shape[0])
-        latents = []
+    def _forward(self, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Continuous y -> (eps of every level, the input-dependent part of each level's log|det|)."""
+        latents, level_logdets = [], []
         x = y
         for level in self.levels:
             x = self._layout(self._squeeze(x))
@@ -184,8 +186,7 @@ class FoldedGlow:
                 log_scale = F.logsigmoid(raw)
                 x[:, a:].add_(shift).mul_(torch.exp(log_scale))  # y_b = (x_b + t) * s, in place
                 log_scales = log_scale if log_scales is None else log_scales.add_(log_scale)
-            if log_scales is not None:
-                logdet = logdet + log_scales.flatten(1).sum(1)
+            logdet = y.new_zeros(y.shape[0]) if log_scales is None else log_scales.flatten(1).sum(1)
             if level.prior_weight is not None:
                 k = level.prior_split
                 z_a, z_b = x[:, :k], x[:, k:]
@@ -195,7 +196,8 @@ class FoldedGlow:
                 x = z_a
             else:
                 latents.append(torch.addcmul(level.top_shift, x, level.top_inv_sigma))
-        return latents, logdet
+            level_logdets.append(logdet)
+        return latents, level_logdets
 
     def _inverse(self, latents: list[Tensor]) -> Tensor:
         x: Tensor | None = None
@@ -217,11 +219,21 @@ class FoldedGlow:
         return x
 
     # ------------------------------------------------------- the model's API
+    def log_prob_and_levels(self, x: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """log P(x) in nats (bin centres), the eps of every level and each level's log|det|,
+        as ``Glow.log_prob_and_levels`` (the folded constants put back into the levels')."""
+        latents, level_logdets = self._forward(self._to_continuous(x))
+        logdet = level_logdets[0]
+        for ld in level_logdets[1:]:
+            logdet = logdet + ld
+        squares = sum(eps.square().flatten(1).sum(1) for eps in latents)
+        log_prob = logdet - 0.5 * squares + self.constant
+        return log_prob, latents, [ld + c for ld, c in zip(level_logdets, self.level_constants)]
+
     def log_prob_and_latents(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """log P(x) in nats (bin centres) and the eps of every level, as ``Glow.log_prob_and_latents``."""
-        latents, logdet = self._forward(self._to_continuous(x))
-        squares = sum(eps.square().flatten(1).sum(1) for eps in latents)
-        return logdet - 0.5 * squares + self.constant, latents
+        log_prob, latents, _ = self.log_prob_and_levels(x)
+        return log_prob, latents
 
     def log_prob(self, x: Tensor) -> Tensor:
         return self.log_prob_and_latents(x)[0]
@@ -259,7 +271,7 @@ class _Method(nn.Module):
 
 
 class TracedGlow:
-    """A FoldedGlow's log_prob_and_latents, encode_with_log_prob and decode as frozen TorchScript graphs.
+    """A FoldedGlow's log_prob_and_levels, encode_with_log_prob and decode as frozen TorchScript graphs.
 
     Traced once at batch ``trace_batch``; the graphs take any batch size (nothing in the
     flow branches on values or batch size). torch.jit.trace and torch.jit.freeze are
@@ -279,15 +291,19 @@ class TracedGlow:
             self._graphs = {
                 method: torch.jit.freeze(torch.jit.trace(_Method(folded, method).eval(), example, check_trace=False,
                                                          strict=False))  # strict: no list outputs
-                for method, example in (("log_prob_and_latents", images), ("encode_with_log_prob", images),
+                for method, example in (("log_prob_and_levels", images), ("encode_with_log_prob", images),
                                         ("decode", latents))
             }
 
-    def log_prob_and_latents(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def log_prob_and_levels(self, x: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         if x.dtype != torch.uint8:  # checked here: a traced graph does not run Python checks
             raise TypeError(f"images must be uint8 pixels, got {x.dtype}")
-        log_prob, latents = self._graphs["log_prob_and_latents"](x)
-        return log_prob, list(latents)
+        log_prob, latents, level_logdets = self._graphs["log_prob_and_levels"](x)
+        return log_prob, list(latents), list(level_logdets)
+
+    def log_prob_and_latents(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        log_prob, latents, _ = self.log_prob_and_levels(x)
+        return log_prob, latents
 
     def log_prob(self, x: Tensor) -> Tensor:
         return self.log_prob_and_latents(x)[0]

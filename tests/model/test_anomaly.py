@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -122,13 +123,14 @@ def test_scores_stay_finite_for_images_the_model_cannot_score(model: Glow, calib
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     scorer = AnomalyScorer(model, calibration)
     x = squares(2, seed=6)
-    original = Glow.log_prob_and_latents
+    original = Glow.log_prob_and_levels
 
     def overflowing(self: Glow, images: torch.Tensor, noise: torch.Tensor | None = None):
-        log_prob, latents = original(self, images, noise)
-        return torch.full_like(log_prob, float("nan")), [torch.full_like(e, float("inf")) for e in latents]
+        log_prob, latents, levels = original(self, images, noise)
+        inf = float("inf")
+        return torch.full_like(log_prob, float("nan")), [torch.full_like(e, inf) for e in latents], levels
 
-    monkeypatch.setattr(Glow, "log_prob_and_latents", overflowing)
+    monkeypatch.setattr(Glow, "log_prob_and_levels", overflowing)
     scores = scorer.score(x)
     assert torch.isfinite(scores.anomaly_score).all() and scores.is_anomaly.all()
 
@@ -138,20 +140,38 @@ def test_float32_overflow_falls_back_to_float64(model: Glow, calibration: dict[s
     scorer = AnomalyScorer(model, calibration)
     x = squares(3, seed=8)
     expected = AnomalyScorer(scorer.float64_model(), calibration).score(x)
-    original = Glow.log_prob_and_latents
+    original = Glow.log_prob_and_levels
 
     def overflow_in_float32(self: Glow, images: torch.Tensor, noise: torch.Tensor | None = None):
-        log_prob, latents = original(self, images, noise)
+        log_prob, latents, levels = original(self, images, noise)
         if self.dtype == torch.float32:
             log_prob = log_prob.clone()
             log_prob[1] = -float("inf")
-        return log_prob, latents
+        return log_prob, latents, levels
 
-    monkeypatch.setattr(Glow, "log_prob_and_latents", overflow_in_float32)
+    monkeypatch.setattr(Glow, "log_prob_and_levels", overflow_in_float32)
     scores = scorer.score(x)
     assert torch.isfinite(scores.log_likelihood).all()
     assert scores.log_likelihood[1].item() == pytest.approx(expected.log_likelihood[1].item(), rel=1e-12)
     assert scores.anomaly_score[1].item() == pytest.approx(expected.anomaly_score[1].item(), rel=1e-9)
+
+
+def test_the_top_level_detector_is_fitted_and_used(model: Glow, calibration: dict[str, torch.Tensor]) -> None:
+    coef = calibration["anomaly.level_coef"]
+    assert coef.shape == (model.config.levels,)  # a slope per lower level, and an intercept
+    x = torch.cat([squares(4, seed=9), synthetic_tensor("uniform", 4)])
+    scorer = AnomalyScorer(model, calibration)
+    f = scorer.features(x)
+    assert f.level_nats.shape == (8, model.config.levels)
+    # the levels' nats and log-dets add up to the image's: sum(nats) = -log p less the prior's constants
+    d = model.config.dims
+    constants = 0.5 * d * math.log(2 * math.pi) + d * model.config.n_bits * math.log(2)
+    torch.testing.assert_close(f.level_nats.sum(1), -f.log_likelihood - constants, rtol=1e-5, atol=1e-2)
+    # predicting the top level's nats 1 nat higher lowers each score by 1 / std of that detector
+    shifted = {**calibration, "anomaly.level_coef": coef + torch.tensor([0.0] * (len(coef) - 1) + [1.0])}
+    plain = x[:4]  # the noise images' scores may sit at SCORE_CAP, which no shift moves
+    delta = scorer.score(plain).anomaly_score - AnomalyScorer(model, shifted).score(plain).anomaly_score
+    torch.testing.assert_close(delta, torch.full_like(delta, 1 / float(calibration["anomaly.z_std"][3])))
 
 
 def test_compressed_length_is_higher_for_noise_than_for_flat_images() -> None:

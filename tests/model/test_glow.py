@@ -147,3 +147,15 @@ def test_initialize_normalises_every_actnorm_input_once() -> None:
     hook.remove()
     torch.testing.assert_close(seen[0].mean(dim=(0, 2, 3)), torch.zeros(4), atol=0.05, rtol=0)
     torch.testing.assert_close(seen[0].std(dim=(0, 2, 3)), torch.ones(4), atol=0.05, rtol=0)
+
+
+def test_level_log_determinants_add_up_to_the_flows() -> None:
+    model = tiny_glow()
+    x = images(6)
+    with torch.no_grad():
+        log_prob, latents, levels = model.log_prob_and_levels(x)
+        _, logdet = model.flow_forward(model.to_continuous(x))
+    assert len(levels) == TINY.levels and all(ld.shape == (6,) for ld in levels)
+    torch.testing.assert_close(sum(levels), logdet)
+    assert torch.equal(log_prob, model.log_prob(x))
+    assert all(torch.equal(a, b) for a, b in zip(latents, model.log_prob_and_latents(x)[1]))

@@ -41,6 +41,12 @@ def test_log_likelihoods_and_latents_match_the_model(name: str, form: str) -> No
         torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(z, model.encode(x), rtol=1e-4, atol=1e-4)
     assert torch.equal(folded.bits_per_dim(values), model.bits_per_dim(values))
+    with torch.inference_mode():
+        _, _, expected_levels = model.log_prob_and_levels(x)
+        _, _, levels = folded.log_prob_and_levels(x)
+    assert len(levels) == config.levels
+    for mine, theirs in zip(levels, expected_levels):  # the folded constants are put back per level
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("form", list(FORMS))
