@@ -5,7 +5,8 @@ outside, so that ``bench/served.py --variant ...`` can compare forms over HTTP:
 
 - ``--variant served``: unchanged (the service runs ``model.inference.FoldedGlow``,
   channels_last on the CPU);
-- ``unfolded``: the checkpoint's ``Glow`` itself, layer by layer (what the folding saves);
+- ``unfolded``: the checkpoint's ``Glow`` itself, layer by layer and eager (``--torchscript
+  false`` is added): what the folding and the graphs save together;
 - ``traced``: the folded form as frozen TorchScript graphs (``bench/traced.py``), which run
   each batch without re-taking the GIL per tensor op. It checks itself against the model
   at start-up (log-likelihoods within 1e-4 relative, decode(encode(x)) pixel-exact) and
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     if rest and rest[0] == "--":
         rest = rest[1:]
     install(args.variant)
+    if args.variant == "unfolded":
+        rest = [*rest, "--torchscript", "false"]
     import service.__main__ as service_main
 
     if args.switch_interval is not None:
