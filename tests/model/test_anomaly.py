@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from model.anomaly import CALIBRATION_KEYS, REFERENCE_KEY, AnomalyScorer, calibrate, compressed_bits_per_dim
+from model.anomaly import (
+    CALIBRATION_KEYS,
+    GLOBAL_WEIGHT,
+    REFERENCE_KEY,
+    AnomalyScorer,
+    calibrate,
+    compressed_bits_per_dim,
+)
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.evaluate import detection, synthetic_set
 from model.evaluate import main as evaluate_main
@@ -167,11 +174,11 @@ def test_the_top_level_detector_is_fitted_and_used(model: Glow, calibration: dic
     d = model.config.dims
     constants = 0.5 * d * math.log(2 * math.pi) + d * model.config.n_bits * math.log(2)
     torch.testing.assert_close(f.level_nats.sum(1), -f.log_likelihood - constants, rtol=1e-5, atol=1e-2)
-    # predicting the top level's nats 1 nat higher lowers each score by 1 / std of that detector
+    # predicting the top level's nats 1 nat higher lowers each score by GLOBAL_WEIGHT / std of that detector
     shifted = {**calibration, "anomaly.level_coef": coef + torch.tensor([0.0] * (len(coef) - 1) + [1.0])}
     plain = x[:4]  # the noise images' scores may sit at SCORE_CAP, which no shift moves
     delta = scorer.score(plain).anomaly_score - AnomalyScorer(model, shifted).score(plain).anomaly_score
-    torch.testing.assert_close(delta, torch.full_like(delta, 1 / float(calibration["anomaly.z_std"][3])))
+    torch.testing.assert_close(delta, torch.full_like(delta, GLOBAL_WEIGHT / float(calibration["anomaly.z_std"][3])))
 
 
 def test_compressed_length_is_higher_for_noise_than_for_flat_images() -> None:
