@@ -18,7 +18,7 @@ Starts a real ``python -m service`` process on 127.0.0.1 (a free port), waits fo
 
 Every run is bounded in time and count; all traffic goes to 127.0.0.1. The full run takes
 about 5 minutes; ``--quick`` is a smoke run of well under 2 minutes. ``--malloc-tuned``,
-``--variant unfolded|traced`` and ``--switch-interval`` run the same against the service with its
+``--variant unfolded`` and ``--switch-interval`` run the same against the service with its
 model form or switch interval swapped from outside (``bench/serve_variant.py``), to compare over HTTP.
 """
 
@@ -325,9 +325,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=None,
                    help="the batching run's --max-batch-size (default: the service's own default)")
     p.add_argument("--no-unbatched", action="store_true", help="skip the --max-batch-size 1 run")
-    p.add_argument("--variant", choices=["served", "unfolded", "traced"], default="served",
-                   help="the model form the service runs: its own (served: folded), the layer-by-layer Glow "
-                        "(unfolded) or the folded form as TorchScript (traced); see bench/serve_variant.py")
+    p.add_argument("--variant", choices=["served", "unfolded"], default="served",
+                   help="the model form the service runs: its own (served: folded, TorchScript) or the eager "
+                        "layer-by-layer Glow (unfolded); see bench/serve_variant.py")
     p.add_argument("--switch-interval", type=float, default=None,
                    help="the server's sys.setswitchinterval (via bench/serve_variant.py; default: the service's 0.0005)")
     p.add_argument("--malloc-tuned", action="store_true",

@@ -73,6 +73,19 @@ class GlowConfig:
         return cls(**data)  # type: ignore[arg-type]
 
 
+def flatten_latents(latents: list[Tensor]) -> Tensor:
+    """eps of every level -> one flat latent per image (the layout in the module docstring)."""
+    return torch.cat([eps.flatten(1) for eps in latents], dim=1)
+
+
+def split_latents(z: Tensor, shapes: list[tuple[int, int, int]]) -> list[Tensor]:
+    """Flat latents (B, sum of the shapes' sizes) -> eps of every level; ValueError for another shape."""
+    sizes = [math.prod(shape) for shape in shapes]
+    if z.ndim != 2 or z.shape[1] != sum(sizes):
+        raise ValueError(f"latents must have shape (B, {sum(sizes)}), got {tuple(z.shape)}")
+    return [p.reshape(-1, *shape) for p, shape in zip(z.split(sizes, dim=1), shapes)]
+
+
 def _total(level_logdets: list[Tensor], batch: int) -> Tensor:
     """The whole flow's log|det| from the levels', in level order."""
     logdet = level_logdets[0].new_zeros(batch)
@@ -244,16 +257,6 @@ class Glow(nn.Module):
                 hook.remove()
 
     # --------------------------------------------------------------- latents
-    def _flatten(self, latents: list[Tensor]) -> Tensor:
-        return torch.cat([eps.flatten(1) for eps in latents], dim=1)
-
-    def _unflatten(self, z: Tensor) -> list[Tensor]:
-        if z.ndim != 2 or z.shape[1] != self.latent_dim:
-            raise ValueError(f"latents must have shape (B, {self.latent_dim}), got {tuple(z.shape)}")
-        sizes = [math.prod(shape) for shape in self.latent_shapes]
-        parts = z.split(sizes, dim=1)
-        return [p.reshape(-1, *shape) for p, shape in zip(parts, self.latent_shapes)]
-
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
         """uint8 images (B, C, H, W) -> flat latents (B, latent_dim), bin centres."""
@@ -263,12 +266,12 @@ class Glow(nn.Module):
     def encode_with_log_prob(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(flat latents, log P(x) in nats) of uint8 images, from one pass through the flow."""
         log_prob, latents = self.log_prob_and_latents(x)
-        return self._flatten(latents), log_prob
+        return flatten_latents(latents), log_prob
 
     @torch.no_grad()
     def decode(self, z: Tensor) -> Tensor:
         """Flat latents (B, latent_dim) -> uint8 images (B, C, H, W)."""
-        return self.to_pixels(self.flow_inverse(self._unflatten(z.to(self.dtype))))
+        return self.to_pixels(self.flow_inverse(split_latents(z.to(self.dtype), self.latent_shapes)))
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 0.7, seed: int | None = None) -> Tensor:

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.glow import Glow
+from model.glow import Glow, GlowConfig, flatten_latents, split_latents
 from model.layers import LOG_SCALE_FACTOR, ConditionalPrior, TopPrior, ZeroConv2d
 
 
@@ -78,7 +78,43 @@ def _zero_conv(module: ZeroConv2d) -> tuple[Tensor, Tensor]:
     return module.conv.weight.detach().double() * scale[:, None, None, None], module.conv.bias.detach().double() * scale
 
 
-class FoldedGlow:
+class _InferenceForm:
+    """What both inference forms derive from their three computations (log_prob_and_levels,
+    encode_with_log_prob, decode), and the input checks a traced graph cannot run."""
+
+    config: GlowConfig
+    latent_dim: int
+    latent_shapes: list[tuple[int, int, int]]
+    device: torch.device
+    dtype: torch.dtype
+
+    def log_prob_and_levels(self, x: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        raise NotImplementedError
+
+    def encode_with_log_prob(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def log_prob_and_latents(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """log P(x) in nats (bin centres) and the eps of every level, as ``Glow.log_prob_and_latents``."""
+        log_prob, latents, _ = self.log_prob_and_levels(x)
+        return log_prob, latents
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        return self.log_prob_and_latents(x)[0]
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.encode_with_log_prob(x)[0]
+
+    def bits_per_dim(self, log_prob: Tensor) -> Tensor:
+        return -log_prob / (self.config.dims * math.log(2))
+
+    @staticmethod
+    def _check_pixels(x: Tensor) -> None:
+        if x.dtype != torch.uint8:
+            raise TypeError(f"images must be uint8 pixels, got {x.dtype}")
+
+
+class FoldedGlow(_InferenceForm):
     """A Glow's log_prob / encode / decode for inference, from its current parameters.
 
     ``channels_last`` stores weights and runs activations in NHWC, which oneDNN's CPU
@@ -231,33 +267,14 @@ class FoldedGlow:
         log_prob = logdet - 0.5 * squares + self.constant
         return log_prob, latents, [ld + c for ld, c in zip(level_logdets, self.level_constants)]
 
-    def log_prob_and_latents(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """log P(x) in nats (bin centres) and the eps of every level, as ``Glow.log_prob_and_latents``."""
-        log_prob, latents, _ = self.log_prob_and_levels(x)
-        return log_prob, latents
-
-    def log_prob(self, x: Tensor) -> Tensor:
-        return self.log_prob_and_latents(x)[0]
-
     def encode_with_log_prob(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(flat latents in ``Glow.encode``'s layout, log P(x)) of uint8 images."""
         log_prob, latents = self.log_prob_and_latents(x)
-        return torch.cat([eps.flatten(1) for eps in latents], dim=1), log_prob
-
-    def encode(self, x: Tensor) -> Tensor:
-        return self.encode_with_log_prob(x)[0]
+        return flatten_latents(latents), log_prob
 
     def decode(self, z: Tensor) -> Tensor:
         """Flat latents (B, latent_dim) -> uint8 images, as ``Glow.decode``."""
-        if z.ndim != 2 or z.shape[1] != self.latent_dim:
-            raise ValueError(f"latents must have shape (B, {self.latent_dim}), got {tuple(z.shape)}")
-        sizes = [math.prod(shape) for shape in self.latent_shapes]
-        parts = [p.reshape(-1, *shape) for p, shape in zip(z.to(self.dtype).split(sizes, dim=1), self.latent_shapes)]
-        return self._to_pixels(self._inverse(parts))
-
-    def bits_per_dim(self, log_prob: Tensor) -> Tensor:
-        return -log_prob / (self.config.dims * math.log(2))
-
+        return self._to_pixels(self._inverse(split_latents(z.to(self.dtype), self.latent_shapes)))
 
 
 class _Method(nn.Module):
@@ -271,7 +288,7 @@ class _Method(nn.Module):
         return self.method(x)
 
 
-class TracedGlow:
+class TracedGlow(_InferenceForm):
     """A FoldedGlow's log_prob_and_levels, encode_with_log_prob and decode as frozen TorchScript graphs.
 
     Traced once at batch ``trace_batch``; the graphs take any batch size (nothing in the
@@ -280,7 +297,6 @@ class TracedGlow:
     """
 
     def __init__(self, folded: FoldedGlow, trace_batch: int = 8) -> None:
-        self.folded = folded
         self.config, self.latent_dim, self.latent_shapes = folded.config, folded.latent_dim, folded.latent_shapes
         self.device, self.dtype = folded.device, folded.dtype
         images = torch.randint(0, 256, (trace_batch, *folded.config.image_shape), dtype=torch.uint8,
@@ -297,31 +313,15 @@ class TracedGlow:
             }
 
     def log_prob_and_levels(self, x: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        if x.dtype != torch.uint8:  # checked here: a traced graph does not run Python checks
-            raise TypeError(f"images must be uint8 pixels, got {x.dtype}")
+        self._check_pixels(x)  # here: a traced graph runs no Python checks
         log_prob, latents, level_logdets = self._graphs["log_prob_and_levels"](x)
         return log_prob, list(latents), list(level_logdets)
 
-    def log_prob_and_latents(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        log_prob, latents, _ = self.log_prob_and_levels(x)
-        return log_prob, latents
-
-    def log_prob(self, x: Tensor) -> Tensor:
-        return self.log_prob_and_latents(x)[0]
-
     def encode_with_log_prob(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if x.dtype != torch.uint8:
-            raise TypeError(f"images must be uint8 pixels, got {x.dtype}")
+        self._check_pixels(x)
         z, log_prob = self._graphs["encode_with_log_prob"](x)
         return z, log_prob
 
-    def encode(self, x: Tensor) -> Tensor:
-        return self.encode_with_log_prob(x)[0]
-
     def decode(self, z: Tensor) -> Tensor:
-        if z.ndim != 2 or z.shape[1] != self.latent_dim:
-            raise ValueError(f"latents must have shape (B, {self.latent_dim}), got {tuple(z.shape)}")
+        split_latents(z, self.latent_shapes)  # the shape check, before the graph
         return self._graphs["decode"](z.to(self.dtype))
-
-    def bits_per_dim(self, log_prob: Tensor) -> Tensor:
-        return self.folded.bits_per_dim(log_prob)

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from model.checkpoint import CheckpointError, read_tensors, save_tensors, write_json
 from model.data import FASHION_MNIST_DIR, DataError, fingerprint, load_images, split_validation
+from model.device import DeviceUnavailable, resolve_device
 from model.evaluate import bits_per_dim
 from model.glow import Glow, GlowConfig
 
@@ -82,15 +83,6 @@ def any_rank(*flags: bool, device: torch.device, world: int) -> list[bool]:
     votes = torch.tensor([float(f) for f in flags], device=device)
     dist.all_reduce(votes, op=dist.ReduceOp.MAX)
     return [bool(v) for v in votes.tolist()]
-
-
-def select_device(name: str) -> torch.device:
-    """"auto" -> CUDA when present, else CPU; "cuda" without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for but no CUDA device is available")
-    return torch.device(name)
 
 
 def batch_indices(n_train: int, batch_size: int, step: int, seed: int, rank: int, world: int) -> torch.Tensor:
@@ -208,7 +200,10 @@ def main(argv: list[str] | None = None) -> int:
 def train(args: argparse.Namespace, argv: list[str] | None) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    device = select_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except DeviceUnavailable as exc:
+        raise SystemExit(str(exc)) from None
     if world > 1:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

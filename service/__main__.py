@@ -22,8 +22,9 @@ import torch
 import uvicorn
 
 from model.checkpoint import CheckpointError
+from model.device import DeviceUnavailable
 from service.app import create_app
-from service.runner import DeviceUnavailable, ModelRunner
+from service.runner import ModelRunner
 from service.settings import Settings, SettingsError
 from service.state import ServiceState
 

@@ -30,16 +30,13 @@ import torch
 
 from model.anomaly import AnomalyScorer, compressed_bits_per_dim
 from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from model.device import resolve_device
 from model.glow import Glow
 from model.inference import FoldedGlow, TracedGlow
 
 T = TypeVar("T")
 log = logging.getLogger("service.runner")
 GRAPH_TOLERANCE = 1e-5  # relative log-likelihood deviation of the graphs from the eager form they trace
-
-
-class DeviceUnavailable(RuntimeError):
-    """The requested device is not present on this machine."""
 
 
 @dataclass(frozen=True)
@@ -73,15 +70,6 @@ class Encoded:
     log_likelihood: float
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when present, else the CPU; ``cuda`` without CUDA -> DeviceUnavailable."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DeviceUnavailable("--device cuda: CUDA is not available on this machine (use --device auto or cpu)")
-    return torch.device(name)
-
-
 def check_graphs(folded: FoldedGlow, traced: TracedGlow, batches: tuple[int, ...] = (1, 5)) -> None:
     """Raise unless the graphs give the eager form's log-likelihoods and images on the model's own samples."""
     with torch.inference_mode():
@@ -110,7 +98,6 @@ class ModelRunner:
         self._checkpoint: Checkpoint | None = None
         self._scorer: AnomalyScorer | None = None
         self._inference: FoldedGlow | TracedGlow | None = None
-        self.form = "not loaded"  # which form serves: "torchscript" or "eager"
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glow-model")
 
     # ------------------------------------------------------------- loading
@@ -122,12 +109,11 @@ class ModelRunner:
         model = checkpoint.model.eval()
         folded = FoldedGlow(model, channels_last=model.device.type == "cpu")  # NHWC: faster on CPU (bench/)
         inference: FoldedGlow | TracedGlow = folded
-        self.form = "eager"
         if self.torchscript:
             try:
                 traced = TracedGlow(folded)
                 check_graphs(folded, traced)
-                inference, self.form = traced, "torchscript"
+                inference = traced
             except Exception as exc:  # any failure to build or match: the eager form is exact and serves
                 log.warning("TorchScript form unusable (%s: %s); serving the eager form", type(exc).__name__, exc)
         try:
@@ -156,6 +142,11 @@ class ModelRunner:
         if self._inference is None:
             raise RuntimeError("the checkpoint is not loaded")
         return self._inference
+
+    @property
+    def form(self) -> str:
+        """Which form serves: "torchscript" or "eager" (the folded model without graphs)."""
+        return "torchscript" if isinstance(self.inference, TracedGlow) else "eager"
 
     @property
     def scorer(self) -> AnomalyScorer:

@@ -13,8 +13,9 @@ from service_testing import SHAPE, random_pixels
 
 from model.anomaly import AnomalyScorer, compressed_bits_per_dim
 from model.checkpoint import Checkpoint, CheckpointError, save_checkpoint
+from model.device import DeviceUnavailable, resolve_device
 from model.inference import FoldedGlow, TracedGlow
-from service.runner import DeviceUnavailable, ModelRunner, Scorable, resolve_device
+from service.runner import ModelRunner, Scorable
 
 
 @pytest.fixture(scope="module")
