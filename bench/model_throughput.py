@@ -17,7 +17,11 @@ Prints, in one run and on the same inputs and thread count:
    gives back x pixel for pixel;
 5. GIL contention: log-likelihood beside a busy pure-Python thread (what the service's
    event loop is while a batch computes), at Python's default switch interval and a
-   shorter one: how much a model that takes the GIL back after every tensor op loses.
+   shorter one: how much a model that takes the GIL back after every tensor op loses;
+6. thread sweep: log-likelihood of the plain model, the served form and the peer at batch 1
+   and 8 for each intra-op thread count, in interleaved rounds, with the range over rounds:
+   at batch 1 a second thread can cost more than it gives, and by how much varies from
+   minute to minute, so this is where the batch-1 ratio at the service's thread count is read.
 
 Each figure is the median of timed calls after a warm-up call (``--min-time`` seconds
 and at least ``--min-repeats`` calls per figure), with torch's intra-op threads set by
@@ -34,6 +38,7 @@ import logging
 import math
 import os
 import platform
+import statistics
 import sys
 import threading
 import time
@@ -462,6 +467,70 @@ def run_contention(
     return rows
 
 
+# --------------------------------------------------------- thread sweep
+def run_thread_sweep(
+    model: Glow, peer: nn.Module | None, images: Tensor, batches: list[int], thread_counts: list[int],
+    rounds: int, args: argparse.Namespace, sync: Callable[[], None] | None,
+) -> list[dict[str, Any]]:
+    """log-likelihood of the plain model, the served form and the peer at each (threads, batch), in
+    ``rounds`` interleaved rounds (every variant once per round): median and range over the rounds.
+
+    At batch 1 every op is tiny, so intra-op threads cost a wake-up per op more than they save, and
+    that cost moves with what else the cores are doing: one figure per variant hides it."""
+    variants: list[tuple[str, Callable[[Tensor], Tensor]]] = [("plain", model.log_prob)]
+    try:
+        variants.append(("served (traced)", traced_model(model).log_prob))
+    except Exception as exc:
+        print(f"note: the served form does not build here ({type(exc).__name__}: {exc})")
+    if peer is not None:
+        variants.append(("peer", peer.log_prob))
+    print(f"\nthread sweep: log-likelihood img/s by intra-op threads, median [min-max] of {rounds} interleaved "
+          f"rounds of {args.min_time:g} s; the service runs its model on {service_threads()} thread(s) here")
+    header = f"{'threads':>7}{'batch':>6}" + "".join(f"{name:>26}" for name, _ in variants)
+    if peer is not None:
+        header += f"{'served/peer':>13}"
+    print(header)
+    saved = torch.get_num_threads()
+    rows = []
+    try:
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            for batch in batches:
+                x = images[:batch].to(args.device)
+                rates: dict[str, list[float]] = {name: [] for name, _ in variants}
+                with torch.inference_mode():
+                    for _ in range(rounds):
+                        for name, fn in variants:
+                            t = measure(lambda: fn(x), min_time=args.min_time, min_repeats=args.min_repeats, sync=sync)
+                            rates[name].append(t.per_second(batch))
+                row: dict[str, Any] = {"threads": threads, "batch": batch, "images_per_s": rates}
+                line = f"{threads:>7}{batch:>6}"
+                for name, _ in variants:
+                    r = rates[name]
+                    line += f"{statistics.median(r):>12.1f} [{min(r):.0f}-{max(r):.0f}]".rjust(26)
+                if peer is not None and "served (traced)" in rates:
+                    ratio = statistics.median(rates["served (traced)"]) / statistics.median(rates["peer"])
+                    row["served_over_peer"] = ratio
+                    line += f"{ratio:>12.2f}x"
+                print(line)
+                rows.append(row)
+    finally:
+        torch.set_num_threads(saved)
+    at = next((r for r in rows if r["threads"] == service_threads() and r["batch"] == 1 and "served_over_peer" in r),
+              None)
+    if at is not None:
+        print(f"  batch 1 at the service's {at['threads']} thread(s): served form {at['served_over_peer']:.2f}x "
+              f"the peer (target >= 3x)")
+    return rows
+
+
+def service_threads() -> int:
+    """The intra-op threads ``python -m service`` gives its model on this machine by default."""
+    from service.__main__ import model_threads
+
+    return model_threads(0)
+
+
 # ------------------------------------------------------------ allocator
 def allocator_child(args: argparse.Namespace) -> int:
     """(child process) the service's own batch function in a fresh process: ``ModelRunner`` loads the checkpoint
@@ -573,6 +642,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "none: skip)")
     p.add_argument("--knob-batches", type=int, nargs="+", default=[1, 64])
     p.add_argument("--no-contention", action="store_true", help="skip the GIL-contention section")
+    p.add_argument("--sweep-threads", type=int, nargs="*", default=None,
+                   help="thread counts of the thread sweep (default 1 .. --threads; none: skip it)")
+    p.add_argument("--sweep-batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--sweep-rounds", type=int, default=3, help="interleaved rounds per thread sweep figure")
     p.add_argument("--switch-intervals", type=float, nargs="+", default=[0.005, 0.0005],
                    help="sys.setswitchinterval values for the contention section (default 0.005 = Python's, 0.0005)")
     p.add_argument("--no-allocator", action="store_true",
@@ -591,6 +664,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.min_time, args.min_repeats, args.conv_min_time = 0.3, 2, 0.05
         args.knobs = [k for k in args.knobs if "compile" not in k]
         args.knob_batches = [8]
+        args.sweep_rounds = 2
+    if args.sweep_threads is None:
+        args.sweep_threads = list(range(1, args.threads + 1))
     return args
 
 
@@ -795,6 +871,9 @@ def main(argv: list[str] | None = None) -> int:
         results["knobs"] = run_knobs(model, images, args.knob_batches, args.knobs, args, sync)
     if not args.no_contention:
         results["contention"] = run_contention(model, images, args.knob_batches, args.switch_intervals, args, sync)
+    if args.sweep_threads:
+        results["thread_sweep"] = run_thread_sweep(model, peer, images, args.sweep_batches, args.sweep_threads,
+                                                   args.sweep_rounds, args, sync)
     if not args.no_allocator and not cuda:
         results["allocator"] = run_allocator(args)
 
