@@ -15,14 +15,15 @@ from typing import Any
 
 import torch
 
-from model.anomaly import METHOD, calibrate
+from model.anomaly import METHOD, ORIENTED_METHOD, calibrate
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.data import DataError, load_images, split_validation
 from model.glow import Glow
 
 
 def anomaly_meta(val_count: int) -> dict[str, Any]:
-    return {"method": METHOD, "reference": f"validation split (last {val_count} training images): "
+    return {"method": METHOD, "method_with_orientation": ORIENTED_METHOD,
+            "reference": f"validation split (last {val_count} training images): "
             "first half fits the detectors, second half is the reference", "reference_size": val_count - val_count // 2}
 
 

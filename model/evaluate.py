@@ -1,8 +1,9 @@
 """Evaluation: bits/dim of a model on a set of images, and out-of-distribution detection.
 
 ``python -m model.evaluate --weights DIR --in-dist TEST --ood NAME=PATH ...`` prints, for
-each OOD set, AUROC, AUPR and FPR at 95% TPR of raw bits/dim and of the anomaly score,
-and the false-positive rate the calibrated threshold gives on the in-distribution set.
+each OOD set, AUROC, AUPR and FPR at 95% TPR of raw bits/dim, of the anomaly score and of
+the score with the optional orientation detector (when the checkpoint's calibration has
+it), and the false-positive rate the calibrated threshold gives on the in-distribution set.
 
 Bits/dim, both ways papers and the API use them:
 
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model.anomaly import AnomalyScorer
+from model.anomaly import ORIENTATION_KEYS, AnomalyScorer
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.data import DataError, load_images
 from model.glow import Glow
@@ -132,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         model = checkpoint.model
         inference = FoldedGlow(model, channels_last=model.device.type == "cpu")  # what the service runs
         scorer = AnomalyScorer(model, checkpoint.calibration, fpr=args.fpr, inference=inference)
+        oriented = (AnomalyScorer(model, checkpoint.calibration, fpr=args.fpr, inference=inference, orientation=True)
+                    if set(ORIENTATION_KEYS) <= set(checkpoint.calibration) else None)
         in_images = load_images(args.in_dist)[: args.limit]
         sets = {}
         for spec in args.ood:
@@ -148,14 +151,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"checkpoint: {checkpoint.weights_path} ({checkpoint.meta.get('name')}); anomaly score: {scorer.method}")
     print(f"in-distribution: {args.in_dist} ({len(in_images)} images), mean {in_bpd.mean():.4f} bits/dim; "
           f"calibrated threshold at FPR {args.fpr:.2%} flags {in_flag.mean():.2%} of them")
+    header = "| OOD set | images | raw bits/dim AUROC | AUPR | FPR@95%TPR | anomaly score AUROC | AUPR | FPR@95%TPR | flagged |"
+    if oriented is None:
+        print("(the calibration has no orientation detector: python -m model.calibrate adds it)")
+    else:
+        _, in_oriented, in_oriented_flag = score_images(oriented, in_images, args.batch_size)
+        print(f"with orientation (--anomaly-orientation): the threshold flags {in_oriented_flag.mean():.2%} of them")
+        header += " + orientation AUROC | AUPR | FPR@95%TPR | flagged |"
     print()
-    print("| OOD set | images | raw bits/dim AUROC | AUPR | FPR@95%TPR | anomaly score AUROC | AUPR | FPR@95%TPR | flagged |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(header)
+    print("|---" * (header.count("|") - 1) + "|")
     for name, images in sets.items():
         bpd, score, flag = score_images(scorer, images, args.batch_size)
         raw, ours = detection(in_bpd, bpd), detection(in_score, score)
-        print(f"| {name} | {len(images)} | {raw.auroc:.4f} | {raw.aupr:.4f} | {raw.fpr_at_95_tpr:.4f} | "
-              f"{ours.auroc:.4f} | {ours.aupr:.4f} | {ours.fpr_at_95_tpr:.4f} | {flag.mean():.2%} |", flush=True)
+        line = (f"| {name} | {len(images)} | {raw.auroc:.4f} | {raw.aupr:.4f} | {raw.fpr_at_95_tpr:.4f} | "
+                f"{ours.auroc:.4f} | {ours.aupr:.4f} | {ours.fpr_at_95_tpr:.4f} | {flag.mean():.2%} |")
+        if oriented is not None:
+            _, with_orientation, oriented_flag = score_images(oriented, images, args.batch_size)
+            more = detection(in_oriented, with_orientation)
+            line += f" {more.auroc:.4f} | {more.aupr:.4f} | {more.fpr_at_95_tpr:.4f} | {oriented_flag.mean():.2%} |"
+        print(line, flush=True)
     return 0
 
 

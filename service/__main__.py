@@ -100,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
     torch.set_num_threads(model_threads(settings.threads))
-    runner = ModelRunner(settings.weights, settings.device, settings.anomaly_fpr, settings.torchscript)
+    runner = ModelRunner(settings.weights, settings.device, settings.anomaly_fpr, settings.torchscript,
+                         settings.anomaly_orientation)
     try:
         runner.load()
     except (CheckpointError, DeviceUnavailable) as exc:

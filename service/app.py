@@ -38,7 +38,8 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away; never
 
 def create_app(settings: Settings, runner: ModelRunner | None = None) -> FastAPI:
     """The app serving ``settings.weights`` (or the given runner's checkpoint)."""
-    runner = runner or ModelRunner(settings.weights, settings.device, settings.anomaly_fpr, settings.torchscript)
+    runner = runner or ModelRunner(settings.weights, settings.device, settings.anomaly_fpr, settings.torchscript,
+                                   settings.anomaly_orientation)
     metrics = Metrics(settings.max_batch_size)
     state = ServiceState(settings, runner, metrics)
 

@@ -89,11 +89,13 @@ class ModelRunner:
     """A checkpoint loaded on a device, with batch functions over numpy arrays."""
 
     def __init__(
-        self, weights: Path, device: str = "auto", anomaly_fpr: float = 0.01, torchscript: bool = True
+        self, weights: Path, device: str = "auto", anomaly_fpr: float = 0.01, torchscript: bool = True,
+        anomaly_orientation: bool = False,
     ) -> None:
         self.weights = weights
         self.requested_device = device
         self.anomaly_fpr = anomaly_fpr
+        self.anomaly_orientation = anomaly_orientation
         self.torchscript = torchscript
         self._checkpoint: Checkpoint | None = None
         self._scorer: AnomalyScorer | None = None
@@ -117,7 +119,8 @@ class ModelRunner:
             except Exception as exc:  # any failure to build or match: the eager form is exact and serves
                 log.warning("TorchScript form unusable (%s: %s); serving the eager form", type(exc).__name__, exc)
         try:
-            scorer = AnomalyScorer(model, checkpoint.calibration, fpr=self.anomaly_fpr, inference=inference)
+            scorer = AnomalyScorer(model, checkpoint.calibration, fpr=self.anomaly_fpr, inference=inference,
+                                   orientation=self.anomaly_orientation)
         except ValueError as exc:
             raise CheckpointError(f"{checkpoint.weights_path}: unusable anomaly calibration: {exc}") from None
         self._checkpoint, self._scorer, self._inference = checkpoint, scorer, inference

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -12,6 +13,10 @@ import torch
 from model.anomaly import (
     CALIBRATION_KEYS,
     GLOBAL_WEIGHT,
+    ORIENTATION_KEYS,
+    ORIENTATION_WEIGHT,
+    ORIENTED_METHOD,
+    ORIENTED_REFERENCE_KEY,
     REFERENCE_KEY,
     AnomalyScorer,
     calibrate,
@@ -60,9 +65,11 @@ def calibration(model: Glow) -> dict[str, torch.Tensor]:
 
 
 def test_calibration_holds_every_key_and_a_reference_from_the_second_half(calibration: dict[str, torch.Tensor]) -> None:
-    assert set(calibration) == set(CALIBRATION_KEYS)
-    assert calibration[REFERENCE_KEY].shape == (200,)
-    assert torch.isfinite(calibration[REFERENCE_KEY]).all()
+    assert set(calibration) == set(CALIBRATION_KEYS) | set(ORIENTATION_KEYS)
+    for key in (REFERENCE_KEY, ORIENTED_REFERENCE_KEY):
+        assert calibration[key].shape == (200,)
+        assert torch.isfinite(calibration[key]).all()
+    assert calibration["anomaly.orientation_z"].shape == (2,) and calibration["anomaly.orientation_z"][1] > 0
     features = calibration["anomaly.energy_mean"].numel()
     assert calibration["anomaly.energy_precision"].shape == (features, features)
 
@@ -206,3 +213,67 @@ def test_evaluation_command_prints_a_table_for_every_set(model: Glow, calibratio
         assert all(0 <= v <= 100 for v in values), (name, values)
     assert float(rows["noise"][4]) > 0.95  # anomaly-score AUROC for noise
     assert evaluate_main(["--weights", str(tmp_path / "nowhere"), "--in-dist", str(tmp_path / "in.npz")]) == 2
+
+
+def test_the_orientation_detector_compares_each_image_with_itself_upside_down(
+        model: Glow, calibration: dict[str, torch.Tensor]) -> None:
+    plain = AnomalyScorer(model, calibration)
+    oriented = AnomalyScorer(model, calibration, orientation=True)
+    assert oriented.method == ORIENTED_METHOD != plain.method
+    x = torch.cat([squares(4, seed=10), synthetic_tensor("uniform", 4)])
+    x[:4, :, :2] = 255  # a bar along the top: the squares' flips have it at the bottom, so the two differ
+    f = oriented.features(x)
+    flipped = oriented.features(x.flip(-2))
+    # each image's upside-down likelihood is its flip's likelihood, computed in the same batch
+    torch.testing.assert_close(f.upside_down_log_likelihood, flipped.log_likelihood, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(f.log_likelihood, plain.features(x).log_likelihood, rtol=1e-5, atol=1e-3)
+    # the score is the plain one plus ORIENTATION_WEIGHT z-scores of (nats of x) - (nats of x upside down)
+    mean, std = calibration["anomaly.orientation_z"].tolist()
+    expected = plain.score(x).anomaly_score + ORIENTATION_WEIGHT * (
+        (f.upside_down_log_likelihood - f.log_likelihood) - mean) / std
+    torch.testing.assert_close(oriented.score(x).anomaly_score, expected.clamp(max=1e6), rtol=1e-4, atol=1e-3)
+    # the threshold comes from its own reference
+    assert oriented.threshold != plain.threshold
+    # ... and batch invariance holds with the second pass
+    alone = torch.cat([oriented.score(x[i : i + 1]).anomaly_score for i in range(len(x))])
+    torch.testing.assert_close(alone, oriented.score(x).anomaly_score, rtol=1e-4, atol=1e-4)
+
+
+def test_a_calibration_without_the_orientation_detector_serves_the_plain_score_only(
+        model: Glow, calibration: dict[str, torch.Tensor]) -> None:
+    older = {k: v for k, v in calibration.items() if k not in ORIENTATION_KEYS}
+    AnomalyScorer(model, older)  # checkpoints calibrated before detector 5 still serve
+    with pytest.raises(ValueError, match="python -m model.calibrate adds them"):
+        AnomalyScorer(model, older, orientation=True)
+
+
+def test_the_orientation_detector_flags_images_the_wrong_way_up(model: Glow) -> None:
+    """Squares with a bar along their top edge: upside down, the bar is at the bottom."""
+    def barred(n: int, seed: int) -> torch.Tensor:
+        images = squares(n, seed)
+        images[:, :, 0, :] = 200
+        return images
+
+    glow = copy.deepcopy(model).train()
+    optimizer = torch.optim.Adam(glow.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(1)
+    data = barred(512, seed=11)
+    for _ in range(150):
+        batch = data[torch.randint(0, len(data), (64,), generator=generator)]
+        loss = glow.bits_per_dim(glow(batch, torch.rand(batch.shape, generator=generator))).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    glow.eval()
+    calibration = calibrate(glow, barred(400, seed=12))
+    inside = barred(200, seed=13)
+    oriented = AnomalyScorer(glow, calibration, orientation=True)
+
+    def orientation_nats(images: torch.Tensor) -> np.ndarray:
+        f = oriented.features(images)
+        return (f.upside_down_log_likelihood - f.log_likelihood).numpy()
+
+    # the detector alone tells them apart (the bar costs more at the bottom), and so does the score with it
+    assert detection(orientation_nats(inside), orientation_nats(inside.flip(-2))).auroc > 0.95
+    scores = [oriented.score(images).anomaly_score.numpy() for images in (inside, inside.flip(-2))]
+    assert detection(*scores).auroc > 0.95

@@ -11,7 +11,7 @@ import pytest
 import torch
 from service_testing import SHAPE, random_pixels
 
-from model.anomaly import AnomalyScorer, compressed_bits_per_dim
+from model.anomaly import ORIENTATION_KEYS, ORIENTED_METHOD, AnomalyScorer, compressed_bits_per_dim
 from model.checkpoint import Checkpoint, CheckpointError, save_checkpoint
 from model.device import DeviceUnavailable, resolve_device
 from model.inference import FoldedGlow, TracedGlow
@@ -65,6 +65,26 @@ def test_a_checkpoint_without_calibration_is_refused(tmp_path: Path, reference: 
     save_checkpoint(reference.model, tmp_path, {"name": "uncalibrated"})
     with pytest.raises(CheckpointError, match="unusable anomaly calibration: .*lacks"):
         ModelRunner(tmp_path, "cpu").load()
+
+
+def test_the_orientation_detector_is_served_when_asked_for(tiny_checkpoint: Path, reference: Checkpoint) -> None:
+    oriented = ModelRunner(tiny_checkpoint, "cpu", anomaly_orientation=True)
+    oriented.load()
+    expected = AnomalyScorer(reference.model, reference.calibration, orientation=True)
+    assert oriented.scorer.method == ORIENTED_METHOD and oriented.scorer.threshold == expected.threshold
+    images = random_pixels(3, 1)
+    got = [s.anomaly_score for s in oriented.score_batch(oriented.scorable(images))]
+    want = expected.score(torch.from_numpy(np.stack(images))).anomaly_score.tolist()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    oriented.close()
+
+
+def test_orientation_on_a_checkpoint_calibrated_without_it_is_refused(tmp_path: Path, reference: Checkpoint) -> None:
+    older = {k: v for k, v in reference.calibration.items() if k not in ORIENTATION_KEYS}
+    save_checkpoint(reference.model, tmp_path, {"name": "older"}, older)
+    ModelRunner(tmp_path, "cpu").load()  # the plain score still serves
+    with pytest.raises(CheckpointError, match="lacks .*python -m model.calibrate adds them"):
+        ModelRunner(tmp_path, "cpu", anomaly_orientation=True).load()
 
 
 def test_scores_match_the_scorer(runner: ModelRunner, reference_scorer: AnomalyScorer) -> None:
