@@ -57,7 +57,6 @@ measured reached 0.9 AUROC.
 
 from __future__ import annotations
 
-import copy
 import io
 import math
 from dataclasses import dataclass
@@ -69,7 +68,7 @@ from PIL import Image
 from torch import Tensor
 
 from model.glow import Glow
-from model.inference import FoldedGlow, TracedGlow
+from model.inference import Float64Fallback, FoldedGlow, TracedGlow
 
 METHOD = ("z(complexity-corrected bits/dim) + z(latent-energy Mahalanobis) + |z(latent-energy level)| "
           "+ 0.5 z(top-level nats given the lower levels')")
@@ -129,7 +128,7 @@ def compressed_bits_per_dim(x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def features(model: Glow | FoldedGlow | TracedGlow, x: Tensor, complexity: Tensor | None = None,
+def features(model: Glow | FoldedGlow | TracedGlow | Float64Fallback, x: Tensor, complexity: Tensor | None = None,
              orientation: bool = False) -> Features:
     """Likelihood and detector inputs of uint8 images x, from one pass through the flow.
 
@@ -146,8 +145,9 @@ def features(model: Glow | FoldedGlow | TracedGlow, x: Tensor, complexity: Tenso
     else:
         log_likelihood, latents, level_logdets = model.log_prob_and_levels(x)
     grid = latents[-1].shape[-2:]
+    latents = [eps.double() for eps in latents]  # squares of float32 latents past ~1e19 overflow float32
     maps = [F.adaptive_avg_pool2d(eps.square().mean(1, keepdim=True), grid).flatten(1) for eps in latents]
-    nats = [0.5 * eps.double().square().flatten(1).sum(1) - ld.double() for eps, ld in zip(latents, level_logdets)]
+    nats = [0.5 * eps.square().flatten(1).sum(1) - ld.double() for eps, ld in zip(latents, level_logdets)]
     log_likelihood = log_likelihood.double().cpu()
     return Features(
         log_likelihood=log_likelihood,
@@ -239,9 +239,10 @@ class AnomalyScorer:
     """Scores images with a model and turns scores into percentiles and decisions."""
 
     def __init__(self, model: Glow, calibration: dict[str, Tensor], fpr: float = 0.01,
-                 inference: FoldedGlow | TracedGlow | None = None, orientation: bool = False) -> None:
-        """``inference``: a faster equivalent form of ``model`` (``model.inference``) for the float32 pass;
-        ``orientation``: add detector 5 (a second pass per image)."""
+                 inference: FoldedGlow | TracedGlow | Float64Fallback | None = None, orientation: bool = False) -> None:
+        """``inference``: a faster equivalent form of ``model`` (``model.inference``) for the float32 pass,
+        wrapped in a :class:`Float64Fallback` unless it is one; ``orientation``: add detector 5 (a second
+        pass per image)."""
         needed = CALIBRATION_KEYS + (ORIENTATION_KEYS if orientation else ())
         missing = [k for k in needed if k not in calibration]
         if missing:
@@ -253,38 +254,22 @@ class AnomalyScorer:
         if orientation and calibration["anomaly.orientation_z"].shape != (2,):
             raise ValueError("anomaly.orientation_z must hold a mean and a standard deviation")
         self.model = model
-        self.inference = inference
+        self.inference = (inference if isinstance(inference, Float64Fallback)
+                          else Float64Fallback(inference or model, model))
         self.orientation = orientation
         self.method = ORIENTED_METHOD if orientation else METHOD
         self.calibration = {k: calibration[k].double().cpu() for k in needed}
         self.reference = torch.sort(reference.double().cpu()).values
         self.fpr = fpr
         self.threshold = threshold_at(self.reference, fpr)
-        self._model64: Glow | None = None
 
     def percentile(self, scores: Tensor) -> Tensor:
         below = torch.searchsorted(self.reference, scores.double(), right=False)
         return 100.0 * below.double() / self.reference.numel()
 
-    def float64_model(self) -> Glow:
-        """A float64 copy of the model (made on first use) for the rare image float32 cannot score."""
-        if self._model64 is None:
-            self._model64 = copy.deepcopy(self.model).double().eval()
-        return self._model64
-
     def features(self, x: Tensor, complexity: Tensor | None = None) -> Features:
-        """:func:`features`, recomputed in float64 for any image whose float32 result is not finite."""
-        f = features(self.inference or self.model, x, complexity, self.orientation)
-        bad = ~(torch.isfinite(f.log_likelihood) & torch.isfinite(f.log_energy).all(1)
-                & torch.isfinite(f.level_nats).all(1))
-        if f.upside_down_log_likelihood is not None:
-            bad |= ~torch.isfinite(f.upside_down_log_likelihood)
-        if bad.any():
-            exact = features(self.float64_model(), x[bad.to(x.device)], f.complexity[bad], self.orientation)
-            for name in Features.__dataclass_fields__:
-                if getattr(f, name) is not None:
-                    getattr(f, name)[bad] = getattr(exact, name)
-        return f
+        """:func:`features` of x (rows float32 cannot score are recomputed in float64)."""
+        return features(self.inference, x, complexity, self.orientation)
 
     def anomaly_score(self, f: Features) -> Tensor:
         c = self.calibration

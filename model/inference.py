@@ -26,6 +26,9 @@ runs a whole batch in C++ and takes the GIL once per call instead of once per te
 so a busy event loop in the same process (the service's) cannot stall the model between
 ops (measured: 1.4x the served throughput of the eager form on 2 cores, bench/README.md).
 
+:class:`Float64Fallback` wraps either form (or the plain Glow): images whose float32 results
+are not finite are recomputed by the plain model in float64.
+
 Exactness (``tests/model/test_inference.py``): log-likelihoods within 1e-4 relative of
 the plain fp32 model (measured: <= 2.2e-6), the same latents, and decode(encode(x)) == x
 wherever the plain model gives that (images of the training distribution; for uniform
@@ -34,6 +37,7 @@ noise the inverse amplifies float rounding in every form, float64 included).
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass
@@ -325,3 +329,61 @@ class TracedGlow(_InferenceForm):
     def decode(self, z: Tensor) -> Tensor:
         split_latents(z, self.latent_shapes)  # the shape check, before the graph
         return self._graphs["decode"](z.to(self.dtype))
+
+
+def _finite_rows(tensors: list[Tensor]) -> Tensor:
+    """(B,) whether every value of each row is finite, over tensors whose first dimension is the batch."""
+    finite = torch.ones(tensors[0].shape[0], dtype=torch.bool, device=tensors[0].device)
+    for t in tensors:
+        finite &= torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
+    return finite
+
+
+def _merged(fast: Tensor, exact: Tensor, bad: Tensor) -> Tensor:
+    """``fast`` in float64 with its ``bad`` rows replaced by ``exact`` (whose values may not fit float32)."""
+    out = fast.double()
+    out[bad] = exact.double()
+    return out
+
+
+class Float64Fallback(_InferenceForm):
+    """An inference form whose non-finite rows are recomputed by the plain model in float64.
+
+    Float32 overflows on the rare image far from the training data (latents beyond ~1e19, a
+    log-det past the float32 range); the same image in float64 scores. Batches without
+    such an image come back from the fast form untouched; a batch with one comes back in
+    float64 (its values may not fit float32). The float64 copy is made on first use.
+    """
+
+    def __init__(self, fast: Glow | FoldedGlow | TracedGlow, model: Glow) -> None:
+        self.fast, self.model = fast, model
+        self.config, self.latent_dim, self.latent_shapes = model.config, model.latent_dim, model.latent_shapes
+        self.device, self.dtype = model.device, model.dtype
+        self._exact: Glow | None = None
+
+    def exact_model(self) -> Glow:
+        """The plain model in float64."""
+        if self._exact is None:
+            with torch.inference_mode(False):  # made on first use, often in inference mode: keep real parameters
+                self._exact = copy.deepcopy(self.model).double().eval()
+        return self._exact
+
+    def log_prob_and_levels(self, x: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        log_prob, latents, level_logdets = self.fast.log_prob_and_levels(x)
+        bad = ~_finite_rows([log_prob, *latents, *level_logdets])
+        if not bad.any():
+            return log_prob, latents, level_logdets
+        exact_log_prob, exact_latents, exact_logdets = self.exact_model().log_prob_and_levels(x[bad])
+        return (_merged(log_prob, exact_log_prob, bad), [_merged(*p, bad) for p in zip(latents, exact_latents)],
+                [_merged(*p, bad) for p in zip(level_logdets, exact_logdets)])
+
+    def encode_with_log_prob(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        z, log_prob = self.fast.encode_with_log_prob(x)
+        bad = ~_finite_rows([z, log_prob])
+        if not bad.any():
+            return z, log_prob
+        exact_z, exact_log_prob = self.exact_model().encode_with_log_prob(x[bad])
+        return _merged(z, exact_z, bad), _merged(log_prob, exact_log_prob, bad)
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self.fast.decode(z)

@@ -32,7 +32,7 @@ from model.anomaly import AnomalyScorer, compressed_bits_per_dim
 from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from model.device import resolve_device
 from model.glow import Glow
-from model.inference import FoldedGlow, TracedGlow
+from model.inference import Float64Fallback, FoldedGlow, TracedGlow
 
 T = TypeVar("T")
 log = logging.getLogger("service.runner")
@@ -99,7 +99,7 @@ class ModelRunner:
         self.torchscript = torchscript
         self._checkpoint: Checkpoint | None = None
         self._scorer: AnomalyScorer | None = None
-        self._inference: FoldedGlow | TracedGlow | None = None
+        self._inference: Float64Fallback | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glow-model")
 
     # ------------------------------------------------------------- loading
@@ -110,14 +110,15 @@ class ModelRunner:
         checkpoint = load_checkpoint(self.weights, resolve_device(self.requested_device))
         model = checkpoint.model.eval()
         folded = FoldedGlow(model, channels_last=model.device.type == "cpu")  # NHWC: faster on CPU (bench/)
-        inference: FoldedGlow | TracedGlow = folded
+        fast: FoldedGlow | TracedGlow = folded
         if self.torchscript:
             try:
                 traced = TracedGlow(folded)
                 check_graphs(folded, traced)
-                inference = traced
+                fast = traced
             except Exception as exc:  # any failure to build or match: the eager form is exact and serves
                 log.warning("TorchScript form unusable (%s: %s); serving the eager form", type(exc).__name__, exc)
+        inference = Float64Fallback(fast, model)
         try:
             scorer = AnomalyScorer(model, checkpoint.calibration, fpr=self.anomaly_fpr, inference=inference,
                                    orientation=self.anomaly_orientation)
@@ -140,8 +141,9 @@ class ModelRunner:
         return self.checkpoint.model
 
     @property
-    def inference(self) -> FoldedGlow | TracedGlow:
-        """The folded form of the model (``model.inference``) that every batch runs through."""
+    def inference(self) -> Float64Fallback:
+        """The folded form of the model (``model.inference``) that every batch runs through, with its float64
+        fallback."""
         if self._inference is None:
             raise RuntimeError("the checkpoint is not loaded")
         return self._inference
@@ -149,7 +151,7 @@ class ModelRunner:
     @property
     def form(self) -> str:
         """Which form serves: "torchscript" or "eager" (the folded model without graphs)."""
-        return "torchscript" if isinstance(self.inference, TracedGlow) else "eager"
+        return "torchscript" if isinstance(self.inference.fast, TracedGlow) else "eager"
 
     @property
     def scorer(self) -> AnomalyScorer:
@@ -228,13 +230,7 @@ class ModelRunner:
 
     def encode_batch(self, images: list[np.ndarray]) -> list[Encoded]:
         """uint8 images (C, H, W) -> flat latents (the layout of ``Glow.encode``) and log-likelihoods."""
-        x = self._pixels(images)
-        z, log_prob = self.inference.encode_with_log_prob(x)
-        bad = ~(torch.isfinite(log_prob) & torch.isfinite(z).all(1))
-        if bad.any():  # float32 overflowed for these images: recompute them exactly
-            z_exact, log_prob_exact = self.scorer.float64_model().encode_with_log_prob(x[bad])
-            z, log_prob = z.clone(), log_prob.clone()
-            z[bad], log_prob[bad] = z_exact.to(z.dtype), log_prob_exact.to(log_prob.dtype)
+        z, log_prob = self.inference.encode_with_log_prob(self._pixels(images))
         latents, log_likelihood = z.float().cpu().numpy(), log_prob.double().cpu().tolist()
         return [Encoded(latent, float(ll)) for latent, ll in zip(latents, log_likelihood)]
 

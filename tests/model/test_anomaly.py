@@ -153,7 +153,7 @@ def test_float32_overflow_falls_back_to_float64(model: Glow, calibration: dict[s
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     scorer = AnomalyScorer(model, calibration)
     x = squares(3, seed=8)
-    expected = AnomalyScorer(scorer.float64_model(), calibration).score(x)
+    expected = AnomalyScorer(scorer.inference.exact_model(), calibration).score(x)
     original = Glow.log_prob_and_levels
 
     def overflow_in_float32(self: Glow, images: torch.Tensor, noise: torch.Tensor | None = None):

@@ -7,7 +7,7 @@ import torch
 from test_glow import TINY, images, tiny_glow
 
 from model.glow import GlowConfig
-from model.inference import FoldedGlow, TracedGlow
+from model.inference import Float64Fallback, FoldedGlow, TracedGlow
 
 CONFIGS = {
     "grey": TINY,
@@ -116,3 +116,41 @@ def test_refuses_what_the_model_refuses(form: str) -> None:
         folded.log_prob(torch.zeros(1, 1, 8, 8))
     with pytest.raises(ValueError, match="latents must have shape"):
         folded.decode(torch.zeros(1, 3))
+
+
+def test_the_float64_fallback_recomputes_only_the_rows_float32_cannot_score() -> None:
+    model = tiny_glow()
+    folded = FoldedGlow(model)
+    x = images(4)
+
+    class Overflowing:
+        """The folded form, but float32 'overflows' on image 1 (its latents) and image 3 (its log-likelihood)."""
+
+        def log_prob_and_levels(self, x: torch.Tensor):
+            log_prob, latents, levels = folded.log_prob_and_levels(x)
+            latents[0][1] = float("inf")
+            log_prob[3] = float("nan")
+            return log_prob, latents, levels
+
+        def encode_with_log_prob(self, x: torch.Tensor):
+            z, log_prob = folded.encode_with_log_prob(x)
+            z[1, 0] = float("inf")
+            return z, log_prob
+
+    safe = Float64Fallback(Overflowing(), model)
+    with torch.inference_mode():
+        exact = safe.exact_model().log_prob_and_levels(x)
+        fast = folded.log_prob_and_levels(x)
+        log_prob, latents, levels = safe.log_prob_and_levels(x)
+        assert log_prob.dtype == torch.float64
+        for got, want_exact, want_fast in zip([log_prob, *latents, *levels], [exact[0], *exact[1], *exact[2]],
+                                              [fast[0], *fast[1], *fast[2]]):
+            torch.testing.assert_close(got[[1, 3]], want_exact[[1, 3]], rtol=1e-10, atol=1e-10)  # recomputed
+            assert torch.equal(got[[0, 2]], want_fast[[0, 2]].double())  # untouched
+        z, _ = safe.encode_with_log_prob(x)
+        torch.testing.assert_close(z[1], safe.exact_model().encode(x)[1], rtol=1e-10, atol=1e-10)
+        assert torch.equal(z[0], folded.encode(x)[0].double())
+        # a batch float32 scores comes back from the fast form as it is
+        plain = Float64Fallback(folded, model)
+        assert plain.log_prob_and_levels(x)[0].dtype == torch.float32
+        assert plain._exact is None  # no float64 copy made

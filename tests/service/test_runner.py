@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,13 +29,13 @@ def runner(tiny_checkpoint: Path) -> Iterator[ModelRunner]:
 
 
 def test_batches_run_through_the_checked_torchscript_form(runner: ModelRunner) -> None:
-    assert runner.form == "torchscript" and isinstance(runner.inference, TracedGlow)
+    assert runner.form == "torchscript" and isinstance(runner.inference.fast, TracedGlow)
 
 
 def test_torchscript_can_be_turned_off(tiny_checkpoint: Path) -> None:
     eager = ModelRunner(tiny_checkpoint, "cpu", torchscript=False)
     eager.load()
-    assert eager.form == "eager" and isinstance(eager.inference, FoldedGlow)
+    assert eager.form == "eager" and isinstance(eager.inference.fast, FoldedGlow)
 
 
 def test_graphs_that_disagree_are_not_served(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
@@ -45,7 +47,7 @@ def test_graphs_that_disagree_are_not_served(tiny_checkpoint: Path, monkeypatch:
     monkeypatch.setattr("service.runner.TracedGlow", WrongGraphs)
     fallback = ModelRunner(tiny_checkpoint, "cpu")
     fallback.load()
-    assert fallback.form == "eager" and isinstance(fallback.inference, FoldedGlow)
+    assert fallback.form == "eager" and isinstance(fallback.inference.fast, FoldedGlow)
     assert "TorchScript form unusable (RuntimeError: log-likelihoods deviate" in caplog.text
     assert len(fallback.score_batch(fallback.scorable(random_pixels(2, 0)))) == 2
 
@@ -155,20 +157,20 @@ def test_a_missing_checkpoint_is_one_clear_error(tmp_path: Path) -> None:
 
 def test_encode_recomputes_float32_overflows_in_float64(runner: ModelRunner, reference: Checkpoint,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from model.glow import Glow
-
     images = random_pixels(3, 2)
-    exact = runner.scorer.float64_model().encode_with_log_prob(torch.from_numpy(np.stack(images)))[1]
-    original = Glow.encode_with_log_prob
+    exact = copy.deepcopy(reference.model).double().encode_with_log_prob(torch.from_numpy(np.stack(images)))[1]
+    fast = runner.inference.fast
+    monkeypatch.setattr(runner.inference, "_exact", None)  # the float64 copy is made in the call, as when served
 
-    def overflow_in_float32(self: Glow, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z, log_prob = original(self, x)
-        if self.dtype == torch.float32:
+    class OverflowsOnTheThird:
+        def encode_with_log_prob(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            z, log_prob = fast.encode_with_log_prob(x)
             log_prob = log_prob.clone()
             log_prob[2] = float("nan")
-        return z, log_prob
+            return z, log_prob
 
-    monkeypatch.setattr(Glow, "encode_with_log_prob", overflow_in_float32)
-    encoded = runner.encode_batch(images)
+    monkeypatch.setattr(runner.inference, "fast", OverflowsOnTheThird())
+    encoded = asyncio.run(runner.call(runner.encode_batch, images))  # in the worker thread, under inference mode
     assert all(np.isfinite(e.log_likelihood) for e in encoded)
-    assert encoded[2].log_likelihood == pytest.approx(exact[2].item(), rel=1e-6)
+    assert encoded[2].log_likelihood == pytest.approx(exact[2].item(), rel=1e-12)  # float64's value, not float32's
+    assert encoded[0].log_likelihood != pytest.approx(exact[0].item(), rel=1e-12)  # the others: the fast form's
