@@ -180,6 +180,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         flag = "--" + name.replace("_", "-")
         opt.add_argument(flag, type=type(value), default=None, help=f"default {value}")
     p.add_argument("--epochs", type=float, default=None, help="alternative to --max-steps")
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="stop at this step, the schedule unchanged (replays a run that was stopped early)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--output", type=Path, required=True, help="run folder (state, log)")
@@ -296,7 +298,8 @@ def train(args: argparse.Namespace, argv: list[str] | None) -> int:
     started = time.monotonic() - wall_time
     last_eval = last_save = time.monotonic()
     bad_steps, running, window_images, window_start = 0, None, 0, time.monotonic()
-    while step < settings.max_steps:
+    end = settings.max_steps if args.stop_at is None else min(args.stop_at, settings.max_steps)
+    while step < end:
         index = batch_indices(len(train_data), settings.batch_size, step, settings.seed, rank, world)
         batch = train_data[index].to(device)
         noise = step_noise(batch.shape, step, settings.seed, rank).to(device)
@@ -345,7 +348,8 @@ def train(args: argparse.Namespace, argv: list[str] | None) -> int:
     if lead:
         if stop["signal"] is None:
             evaluate()
-        reason = f"signal {stop['signal']}" if stop["signal"] is not None else f"max_steps {settings.max_steps}"
+        reason = (f"signal {stop['signal']}" if stop["signal"] is not None
+                  else f"--stop-at {end}" if end < settings.max_steps else f"max_steps {settings.max_steps}")
         print(f"stopped at step {step} ({reason}); state in {state_path}")
         log.close()
     if world > 1:

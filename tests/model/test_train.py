@@ -78,6 +78,23 @@ def test_resume_continues_exactly(data: Path, tmp_path: Path) -> None:
             assert torch.equal(left, right), f"{weights}.{name} differs after resume"
 
 
+def test_stop_at_stops_without_changing_the_schedule(data: Path, tmp_path: Path) -> None:
+    """--stop-at 9 then --resume is the straight 16-step cosine run; --max-steps 9 would reshape the cosine."""
+    cosine = ("--schedule", "cosine", "--max-steps", "16")
+    straight, stopped, shortened = tmp_path / "straight", tmp_path / "stopped", tmp_path / "shortened"
+    assert trainer.main(run_args(data, straight, *cosine)) == 0
+    assert trainer.main(run_args(data, stopped, *cosine, "--stop-at", "9")) == 0
+    assert json.loads((stopped / "state.json").read_text())["step"] == 9
+    assert trainer.main(run_args(data, stopped, "--resume")) == 0
+    assert trainer.main(run_args(data, shortened, "--schedule", "cosine", "--max-steps", "9")) == 0
+    assert trainer.main(run_args(data, shortened, *cosine, "--resume")) == 0
+    weights = {name: load_run(path, "model")[0].state_dict() for name, path in
+               (("straight", straight), ("stopped", stopped), ("shortened", shortened))}
+    for name, value in weights["straight"].items():
+        assert torch.equal(weights["stopped"][name], value), name
+    assert not all(torch.equal(weights["shortened"][name], value) for name, value in weights["straight"].items())
+
+
 def test_resume_without_a_state_is_refused(data: Path, tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="no training state"):
         trainer.main(run_args(data, tmp_path / "empty", "--resume"))
