@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from service_testing import files, from_png, random_pixels, to_png
 
-from model.anomaly import METHOD, AnomalyScorer
+from model.anomaly import METHOD, ORIENTED_METHOD, AnomalyScorer
 from model.checkpoint import Checkpoint
 from service.app import create_app
 from service.settings import Settings
@@ -89,6 +89,21 @@ async def test_log_likelihood_multipart_and_json_agree_with_the_model(
     first = body["results"][0]
     assert first["bits_per_dim"] == pytest.approx(-first["log_likelihood"] / (784 * np.log(2)))
     assert 0 <= first["percentile"] <= 100 and isinstance(first["is_anomaly"], bool)
+
+
+async def test_the_orientation_option_scores_with_it_and_says_so(make_settings: Callable[..., Settings],
+                                                                 reference: Checkpoint) -> None:
+    app = create_app(make_settings(anomaly_orientation=True))
+    oriented = AnomalyScorer(reference.model, reference.calibration, orientation=True)
+    images = random_pixels(2, 3)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://service.test") as http:
+            body = (await http.post("/log-likelihood", files=files([to_png(image) for image in images]))).json()
+            info = (await http.get("/model")).json()
+    assert body["anomaly_method"] == info["anomaly"]["method"] == ORIENTED_METHOD
+    assert body["threshold"] == info["anomaly"]["threshold"] == oriented.threshold
+    expected = oriented.score(torch.from_numpy(np.stack(images))).anomaly_score.tolist()
+    assert [r["anomaly_score"] for r in body["results"]] == pytest.approx(expected, rel=1e-4, abs=1e-4)
 
 
 async def test_rgb_images_are_converted(client: httpx.AsyncClient, reference_scorer: AnomalyScorer) -> None:
