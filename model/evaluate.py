@@ -67,11 +67,14 @@ def bits_per_dim(model: Glow, images: np.ndarray | torch.Tensor, batch_size: int
 
 
 # ------------------------------------------------------------------ OOD evaluation
-SYNTHETIC = ("uniform", "gaussian", "constant", "flipped")
+SYNTHETIC = ("uniform", "gaussian", "constant", "flipped", "rotated", "mirrored")
+"""Noise, constant images, and the in-distribution images upside down, turned 90 degrees (square images
+only) and mirrored left-right. Mirrored is a control, not an outlier set, where the training images come
+both ways (Fashion-MNIST's clothes do, its shoes face one way): a score should not flag much of it."""
 
 
 def synthetic_set(name: str, reference: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
-    """uint8 images shaped like ``reference`` (N, C, H, W): noise, constants, or the reference flipped upside down."""
+    """uint8 images shaped like ``reference`` (N, C, H, W): noise, constants, or transforms of the reference."""
     rng = np.random.default_rng(seed)
     shape = (count, *reference.shape[1:])
     if name == "uniform":
@@ -82,6 +85,12 @@ def synthetic_set(name: str, reference: np.ndarray, count: int, seed: int = 0) -
         return np.broadcast_to(rng.integers(0, 256, (count, 1, 1, 1), dtype=np.uint8), shape).copy()
     if name == "flipped":
         return np.ascontiguousarray(reference[:count, :, ::-1, :])
+    if name == "mirrored":
+        return np.ascontiguousarray(reference[:count, :, :, ::-1])
+    if name == "rotated":
+        if reference.shape[2] != reference.shape[3]:
+            raise ValueError(f"rotated: needs square images, got {reference.shape[2]}x{reference.shape[3]}")
+        return np.ascontiguousarray(np.rot90(reference[:count], 1, axes=(2, 3)))
     raise ValueError(f"unknown synthetic set {name!r}; choose from {SYNTHETIC}")
 
 

@@ -277,3 +277,13 @@ def test_the_orientation_detector_flags_images_the_wrong_way_up(model: Glow) -> 
     assert detection(orientation_nats(inside), orientation_nats(inside.flip(-2))).auroc > 0.95
     scores = [oriented.score(images).anomaly_score.numpy() for images in (inside, inside.flip(-2))]
     assert detection(*scores).auroc > 0.95
+
+
+def test_the_transformed_synthetic_sets_are_the_images_turned() -> None:
+    reference = squares(3, seed=14).numpy()
+    assert np.array_equal(synthetic_set("flipped", reference, 3), reference[:, :, ::-1])
+    assert np.array_equal(synthetic_set("mirrored", reference, 3), reference[:, :, :, ::-1])
+    rotated = synthetic_set("rotated", reference, 2)
+    assert rotated.shape == (2, 1, 8, 8) and np.array_equal(rotated[0, 0], np.rot90(reference[0, 0]))
+    with pytest.raises(ValueError, match="square"):
+        synthetic_set("rotated", np.zeros((2, 1, 8, 6), dtype=np.uint8), 2)
