@@ -643,7 +643,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--knob-batches", type=int, nargs="+", default=[1, 64])
     p.add_argument("--no-contention", action="store_true", help="skip the GIL-contention section")
     p.add_argument("--sweep-threads", type=int, nargs="*", default=None,
-                   help="thread counts of the thread sweep (default 1 .. --threads; none: skip it)")
+                   help="thread counts of the thread sweep (default 1 .. --threads; the flag alone: skip it)")
     p.add_argument("--sweep-batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--sweep-rounds", type=int, default=3, help="interleaved rounds per thread sweep figure")
     p.add_argument("--switch-intervals", type=float, nargs="+", default=[0.005, 0.0005],
@@ -667,6 +667,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.sweep_rounds = 2
     if args.sweep_threads is None:
         args.sweep_threads = list(range(1, args.threads + 1))
+    if any(n < 1 for n in args.sweep_threads) or any(b < 1 for b in args.sweep_batches) or args.sweep_rounds < 1:
+        p.error("--sweep-threads, --sweep-batches and --sweep-rounds take values >= 1")
     return args
 
 
@@ -687,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
         from model.checkpoint import read_sidecar, resolve_paths
 
         shape_for_images = tuple(read_sidecar(resolve_paths(args.weights)[1])["image_shape"])  # type: ignore[assignment]
-    largest = max([*args.batches, *args.knob_batches, 256])
+    largest = max([*args.batches, *args.knob_batches, *args.sweep_batches, 256])
     images, image_source = load_images(args, shape_for_images, largest)
     model, source, calibration = build_model(args, images)
     cfg = model.config

@@ -115,11 +115,26 @@ def detection(in_scores: np.ndarray, out_scores: np.ndarray) -> Detection:
     )
 
 
-def score_images(scorer: AnomalyScorer, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(bits/dim, anomaly score, is_anomaly) of every image; each image's score is independent of its batch."""
+@dataclass(frozen=True)
+class ImageScores:
+    """Per image: raw bits/dim, then (anomaly score, is_anomaly) for each scorer given to :func:`score_images`."""
+
+    bits_per_dim: np.ndarray
+    scores: list[tuple[np.ndarray, np.ndarray]]
+
+
+def score_images(scorers: list[AnomalyScorer], images: np.ndarray, batch_size: int) -> ImageScores:
+    """Every image under each scorer, from one pass (scorers of one model and inference form; the last one's
+    features, which must hold what every scorer needs); each image's score is independent of its batch."""
     data = torch.as_tensor(images)
-    parts = [scorer.score(data[i : i + batch_size].to(scorer.model.device)) for i in range(0, len(data), batch_size)]
-    return tuple(torch.cat([getattr(p, k) for p in parts]).numpy() for k in ("bits_per_dim", "anomaly_score", "is_anomaly"))
+    bits, scores = [], [([], []) for _ in scorers]
+    for i in range(0, len(data), batch_size):
+        f = scorers[-1].features(data[i : i + batch_size].to(scorers[-1].model.device))
+        bits.append(f.bits_per_dim)
+        for scorer, (score, flag) in zip(scorers, scores):
+            score.append(scorer.anomaly_score(f))
+            flag.append(score[-1] > scorer.threshold)
+    return ImageScores(torch.cat(bits).numpy(), [(torch.cat(s).numpy(), torch.cat(f).numpy()) for s, f in scores])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,8 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         model = checkpoint.model
         inference = FoldedGlow(model, channels_last=model.device.type == "cpu")  # what the service runs
         scorer = AnomalyScorer(model, checkpoint.calibration, fpr=args.fpr, inference=inference)
-        oriented = (AnomalyScorer(model, checkpoint.calibration, fpr=args.fpr, inference=inference, orientation=True)
-                    if set(ORIENTATION_KEYS) <= set(checkpoint.calibration) else None)
+        scorers = [scorer]
+        if set(ORIENTATION_KEYS) <= set(checkpoint.calibration):  # one float64 fallback and one pass for both
+            scorers.append(AnomalyScorer(model, checkpoint.calibration, fpr=args.fpr, inference=scorer.inference,
+                                         orientation=True))
         in_images = load_images(args.in_dist)[: args.limit]
         sets = {}
         for spec in args.ood:
@@ -156,29 +173,26 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    in_bpd, in_score, in_flag = score_images(scorer, in_images, args.batch_size)
+    inside = score_images(scorers, in_images, args.batch_size)
     print(f"checkpoint: {checkpoint.weights_path} ({checkpoint.meta.get('name')}); anomaly score: {scorer.method}")
-    print(f"in-distribution: {args.in_dist} ({len(in_images)} images), mean {in_bpd.mean():.4f} bits/dim; "
-          f"calibrated threshold at FPR {args.fpr:.2%} flags {in_flag.mean():.2%} of them")
+    print(f"in-distribution: {args.in_dist} ({len(in_images)} images), mean {inside.bits_per_dim.mean():.4f} "
+          f"bits/dim; calibrated threshold at FPR {args.fpr:.2%} flags {inside.scores[0][1].mean():.2%} of them")
     header = "| OOD set | images | raw bits/dim AUROC | AUPR | FPR@95%TPR | anomaly score AUROC | AUPR | FPR@95%TPR | flagged |"
-    if oriented is None:
+    if len(scorers) == 1:
         print("(the calibration has no orientation detector: python -m model.calibrate adds it)")
     else:
-        _, in_oriented, in_oriented_flag = score_images(oriented, in_images, args.batch_size)
-        print(f"with orientation (--anomaly-orientation): the threshold flags {in_oriented_flag.mean():.2%} of them")
+        print(f"with orientation (--anomaly-orientation): the threshold flags {inside.scores[1][1].mean():.2%} of them")
         header += " + orientation AUROC | AUPR | FPR@95%TPR | flagged |"
     print()
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     for name, images in sets.items():
-        bpd, score, flag = score_images(scorer, images, args.batch_size)
-        raw, ours = detection(in_bpd, bpd), detection(in_score, score)
-        line = (f"| {name} | {len(images)} | {raw.auroc:.4f} | {raw.aupr:.4f} | {raw.fpr_at_95_tpr:.4f} | "
-                f"{ours.auroc:.4f} | {ours.aupr:.4f} | {ours.fpr_at_95_tpr:.4f} | {flag.mean():.2%} |")
-        if oriented is not None:
-            _, with_orientation, oriented_flag = score_images(oriented, images, args.batch_size)
-            more = detection(in_oriented, with_orientation)
-            line += f" {more.auroc:.4f} | {more.aupr:.4f} | {more.fpr_at_95_tpr:.4f} | {oriented_flag.mean():.2%} |"
+        outside = score_images(scorers, images, args.batch_size)
+        raw = detection(inside.bits_per_dim, outside.bits_per_dim)
+        line = f"| {name} | {len(images)} | {raw.auroc:.4f} | {raw.aupr:.4f} | {raw.fpr_at_95_tpr:.4f} |"
+        for (in_score, _), (out_score, out_flag) in zip(inside.scores, outside.scores):
+            d = detection(in_score, out_score)
+            line += f" {d.auroc:.4f} | {d.aupr:.4f} | {d.fpr_at_95_tpr:.4f} | {out_flag.mean():.2%} |"
         print(line, flush=True)
     return 0
 

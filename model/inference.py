@@ -335,13 +335,13 @@ def _finite_rows(tensors: list[Tensor]) -> Tensor:
     """(B,) whether every value of each row is finite, over tensors whose first dimension is the batch."""
     finite = torch.ones(tensors[0].shape[0], dtype=torch.bool, device=tensors[0].device)
     for t in tensors:
-        finite &= torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
+        finite &= torch.isfinite(t).flatten(1).all(1) if t.ndim > 1 else torch.isfinite(t)  # flatten: 0 rows too
     return finite
 
 
 def _merged(fast: Tensor, exact: Tensor, bad: Tensor) -> Tensor:
     """``fast`` in float64 with its ``bad`` rows replaced by ``exact`` (whose values may not fit float32)."""
-    out = fast.double()
+    out = fast.to(torch.float64, copy=True)  # a float64 fast form's own output stays as it was
     out[bad] = exact.double()
     return out
 

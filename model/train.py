@@ -298,6 +298,8 @@ def train(args: argparse.Namespace, argv: list[str] | None) -> int:
     started = time.monotonic() - wall_time
     last_eval = last_save = time.monotonic()
     bad_steps, running, window_images, window_start = 0, None, 0, time.monotonic()
+    if args.stop_at is not None and args.stop_at <= step:
+        raise SystemExit(f"--stop-at {args.stop_at}: the run is already at step {step}")
     end = settings.max_steps if args.stop_at is None else min(args.stop_at, settings.max_steps)
     while step < end:
         index = batch_indices(len(train_data), settings.batch_size, step, settings.seed, rank, world)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+import pytest
 import torch
 
 from bench.model_throughput import parse_args, run_thread_sweep
@@ -17,8 +18,12 @@ def test_the_thread_sweep_times_every_variant_at_every_setting_and_restores_the_
     model.initialize(images)
     args = argparse.Namespace(device="cpu", min_time=0.0, min_repeats=1)
     threads = torch.get_num_threads()
-    rows = run_thread_sweep(model, None, images, [1, 4], [1, 2], rounds=2, args=args, sync=None)
-    assert torch.get_num_threads() == threads
+    torch.set_num_threads(3)  # not a count the sweep ends on
+    try:
+        rows = run_thread_sweep(model, None, images, [1, 4], [1, 2], rounds=2, args=args, sync=None)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
     assert [(r["threads"], r["batch"]) for r in rows] == [(1, 1), (1, 4), (2, 1), (2, 4)]
     for row in rows:
         assert set(row["images_per_s"]) == {"plain", "served (traced)"}
@@ -30,3 +35,5 @@ def test_the_sweep_runs_one_to_the_bench_threads_unless_told() -> None:
     assert parse_args(["--threads", "3"]).sweep_threads == [1, 2, 3]
     assert parse_args(["--threads", "3", "--sweep-threads", "1"]).sweep_threads == [1]
     assert parse_args(["--sweep-threads"]).sweep_threads == []
+    with pytest.raises(SystemExit):
+        parse_args(["--sweep-threads", "0"])

@@ -227,13 +227,16 @@ def test_the_orientation_detector_compares_each_image_with_itself_upside_down(
     # each image's upside-down likelihood is its flip's likelihood, computed in the same batch
     torch.testing.assert_close(f.upside_down_log_likelihood, flipped.log_likelihood, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(f.log_likelihood, plain.features(x).log_likelihood, rtol=1e-5, atol=1e-3)
-    # the score is the plain one plus ORIENTATION_WEIGHT z-scores of (nats of x) - (nats of x upside down)
+    # the score is the plain one plus ORIENTATION_WEIGHT z-scores of (nats of x) - (nats of x upside down), >= 0
     mean, std = calibration["anomaly.orientation_z"].tolist()
-    expected = plain.score(x).anomaly_score + ORIENTATION_WEIGHT * (
-        (f.upside_down_log_likelihood - f.log_likelihood) - mean) / std
+    z = ((f.upside_down_log_likelihood - f.log_likelihood) - mean) / std
+    assert (z > 0).any() and (z < 0).any()  # both sides of the clamp are exercised
+    expected = plain.score(x).anomaly_score + ORIENTATION_WEIGHT * z.clamp(min=0)
     torch.testing.assert_close(oriented.score(x).anomaly_score, expected.clamp(max=1e6), rtol=1e-4, atol=1e-3)
-    # the threshold comes from its own reference
-    assert oriented.threshold != plain.threshold
+    # percentiles and the threshold come from its own reference (the plain one plus the clamped term)
+    assert torch.equal(oriented.reference, torch.sort(calibration[ORIENTED_REFERENCE_KEY].double()).values)
+    assert (calibration[ORIENTED_REFERENCE_KEY] >= calibration[REFERENCE_KEY] - 1e-9).all()
+    assert (calibration[ORIENTED_REFERENCE_KEY] > calibration[REFERENCE_KEY]).any()
     # ... and batch invariance holds with the second pass
     alone = torch.cat([oriented.score(x[i : i + 1]).anomaly_score for i in range(len(x))])
     torch.testing.assert_close(alone, oriented.score(x).anomaly_score, rtol=1e-4, atol=1e-4)
@@ -245,6 +248,10 @@ def test_a_calibration_without_the_orientation_detector_serves_the_plain_score_o
     AnomalyScorer(model, older)  # checkpoints calibrated before detector 5 still serve
     with pytest.raises(ValueError, match="python -m model.calibrate adds them"):
         AnomalyScorer(model, older, orientation=True)
+    with pytest.raises(ValueError, match="anomaly.orientation_z: the standard deviations must be finite and positive"):
+        AnomalyScorer(model, {**calibration, "anomaly.orientation_z": torch.tensor([1.0, 0.0])}, orientation=True)
+    with pytest.raises(ValueError, match="anomaly.z_std"):
+        AnomalyScorer(model, {**calibration, "anomaly.z_std": torch.full((4,), float("nan"))})
 
 
 def test_the_orientation_detector_flags_images_the_wrong_way_up(model: Glow) -> None:

@@ -154,3 +154,26 @@ def test_the_float64_fallback_recomputes_only_the_rows_float32_cannot_score() ->
         plain = Float64Fallback(folded, model)
         assert plain.log_prob_and_levels(x)[0].dtype == torch.float32
         assert plain._exact is None  # no float64 copy made
+
+
+def test_the_float64_fallback_takes_an_empty_batch_and_leaves_float64_outputs_alone() -> None:
+    model = tiny_glow()
+    safe = Float64Fallback(FoldedGlow(model), model)
+    with torch.inference_mode():
+        log_prob, latents, levels = safe.log_prob_and_levels(images(0))
+        z, _ = safe.encode_with_log_prob(images(0))
+    assert log_prob.shape == (0,) and z.shape == (0, model.latent_dim)
+    x = images(2)
+    model64 = tiny_glow(dtype=torch.float64)
+    fast = model64.log_prob_and_levels(x)[0]
+
+    class NaNOnTheFirst:
+        def log_prob_and_levels(self, images: torch.Tensor):
+            out = fast.clone()
+            out[0] = float("nan")
+            self.output = out
+            return out, [], []
+
+    nan_first = NaNOnTheFirst()
+    log_prob, _, _ = Float64Fallback(nan_first, model64).log_prob_and_levels(x)
+    assert torch.isfinite(log_prob).all() and torch.isnan(nan_first.output[0])  # merged into a copy

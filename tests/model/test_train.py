@@ -93,6 +93,8 @@ def test_stop_at_stops_without_changing_the_schedule(data: Path, tmp_path: Path)
     for name, value in weights["straight"].items():
         assert torch.equal(weights["stopped"][name], value), name
     assert not all(torch.equal(weights["shortened"][name], value) for name, value in weights["straight"].items())
+    with pytest.raises(SystemExit, match="already at step 16"):
+        trainer.main(run_args(data, straight, "--resume", "--stop-at", "9"))
 
 
 def test_resume_without_a_state_is_refused(data: Path, tmp_path: Path) -> None:
