@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.anomaly import CALIBRATION_KEYS, METHOD, ORIENTATION_KEYS, ORIENTED_METHOD, AnomalyScorer
 from model.checkpoint import load_checkpoint
 from model.data import FASHION_MNIST_DIR, load_images
 from model.evaluate import bits_per_dim
@@ -69,3 +70,13 @@ def test_the_folded_form_the_service_runs_matches_the_model(name: str) -> None:
             deviation = ((folded.log_prob(x) - reference).abs() / reference.abs()).max()
             assert float(deviation) < 1e-4, f"channels_last={channels_last}: {float(deviation):.2e}"
             assert torch.equal(folded.decode(folded.encode(x)), x)
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_the_calibration_serves_the_score_with_and_without_the_orientation_detector(name: str) -> None:
+    checkpoint = load_checkpoint(shipped(name))
+    assert set(CALIBRATION_KEYS) | set(ORIENTATION_KEYS) <= set(checkpoint.calibration)
+    assert checkpoint.meta["anomaly"]["method"] == METHOD
+    for orientation, method in ((False, METHOD), (True, ORIENTED_METHOD)):
+        scorer = AnomalyScorer(checkpoint.model, checkpoint.calibration, orientation=orientation)
+        assert scorer.method == method and scorer.reference.numel() == checkpoint.meta["anomaly"]["reference_size"]
