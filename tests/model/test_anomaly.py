@@ -41,6 +41,18 @@ def squares(n: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(images)
 
 
+def fit(glow: Glow, data: torch.Tensor, seed: int, steps: int = 150) -> None:
+    """A few Adam steps of the flow on random batches of ``data``."""
+    optimizer = torch.optim.Adam(glow.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        batch = data[torch.randint(0, len(data), (64,), generator=generator)]
+        loss = glow.bits_per_dim(glow(batch, torch.rand(batch.shape, generator=generator))).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
 @pytest.fixture(scope="module")
 def model() -> Glow:
     """A tiny Glow fitted for a few hundred steps to the squares."""
@@ -48,14 +60,7 @@ def model() -> Glow:
     glow = Glow(CONFIG)
     data = squares(512, seed=0)
     glow.initialize(data[:128])
-    optimizer = torch.optim.Adam(glow.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(0)
-    for step in range(150):
-        batch = data[torch.randint(0, len(data), (64,), generator=generator)]
-        loss = glow.bits_per_dim(glow(batch, torch.rand(batch.shape, generator=generator))).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    fit(glow, data, seed=0)
     return glow.eval()
 
 
@@ -262,15 +267,7 @@ def test_the_orientation_detector_flags_images_the_wrong_way_up(model: Glow) -> 
         return images
 
     glow = copy.deepcopy(model).train()
-    optimizer = torch.optim.Adam(glow.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(1)
-    data = barred(512, seed=11)
-    for _ in range(150):
-        batch = data[torch.randint(0, len(data), (64,), generator=generator)]
-        loss = glow.bits_per_dim(glow(batch, torch.rand(batch.shape, generator=generator))).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    fit(glow, barred(512, seed=11), seed=1)
     glow.eval()
     calibration = calibrate(glow, barred(400, seed=12))
     inside = barred(200, seed=13)
