@@ -57,7 +57,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.timing import MALLOC_TUNED, Timing, checkpoint_exists, measure
 from model.glow import Glow, GlowConfig
-from model.inference import FoldedGlow, TracedGlow
+from model.inference import TracedGlow
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_WEIGHTS = REPO / "weights" / "fashion-mnist"
@@ -247,8 +247,8 @@ def max_relative_deviation(values: Tensor, reference: Tensor) -> float:
     return float(((values - reference).abs() / reference.abs().clamp_min(1e-30)).max())
 
 
-def folded_model(model: Glow, channels_last: bool = False) -> FoldedGlow:
-    return FoldedGlow(model, channels_last=channels_last)
+def folded_model(model: Glow, channels_last: bool = False) -> Glow:
+    return model.fold(channels_last=channels_last)
 
 
 def traced_model(model: Glow) -> TracedGlow:

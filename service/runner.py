@@ -17,6 +17,8 @@ this module touches a tensor. They run in a single worker thread under
 ``torch.inference_mode`` (:meth:`ModelRunner.call`), which keeps the event loop free
 to answer ``/healthz`` and ``/metrics`` while a batch computes, and runs one batch at
 a time on the device.
+"""
+
 from __future__ import annotations
 
 import asyncio
