@@ -41,9 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.variant == "unfolded":
         rest = [*rest, "--torchscript", "false"]
     import service.__main__ as service_main
+    import service.tuning as tuning
 
     if args.switch_interval is not None:
-        service_main.SWITCH_INTERVAL_S = args.switch_interval  # what tune_process sets at start
+        tuning.SWITCH_INTERVAL_S = args.switch_interval  # what tune_process sets
     return service_main.main(rest)
 
 
