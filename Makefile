@@ -1,5 +1,6 @@
 # Set-up and everyday commands. The first run of any target creates .venv and installs
-# the project into it; torch is pinned here (see README "GPU" for the CUDA build).
+# the project into it, every package at its version in constraints.txt (the image installs
+# with the same file); torch is named here (see README "GPU" for the CUDA build).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
@@ -9,10 +10,10 @@ MNIST ?= ../shared/data/mnist
 
 .PHONY: serve test bench train-fashion-mnist train-mnist export-fashion-mnist export-mnist
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[train,test]'
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt $(TORCH)
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[train,test]'
 	touch $@
 
 serve: $(BIN)/.installed
