@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 FMNIST ?= /usr/share/datasets/fashion-mnist
 MNIST ?= ../shared/data/mnist
 
-.PHONY: serve test bench train-fashion-mnist train-mnist export-fashion-mnist export-mnist
+.PHONY: serve test bench check-image train-fashion-mnist train-mnist export-fashion-mnist export-mnist
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ test: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python -m bench.model_throughput
+
+# The image built and run for real: compose up, scoring, SIGTERM drain, 3 replicas behind
+# HAProxy (deploy/check-image.sh; as root: installs and starts Docker where missing; no venv
+# needed). See deploy/README.md for its duration and when it last passed.
+check-image:
+	bash deploy/check-image.sh
 
 # Reproduce the shipped checkpoints' runs from scratch in their two recorded phases (the model
 # cards list every command). 1: Adam 1e-3, 500 warm-up steps, constant until --decay-start, then
