@@ -92,15 +92,21 @@ RUN pip install --no-deps . \
     && python -c "import torch, service, model; print('torch', torch.__version__)"
 
 # Layer 4, what serving does not use, out of the virtualenv: pip and setuptools (installs
-# happen at build time; torch needs setuptools only to compile extensions), torch's own test
-# suite, C++ headers and CMake files (for building extensions against it), and the static
-# libraries beside its shared ones. Then a check that the service still imports.
-RUN pip uninstall -y -q setuptools \
+# happen at build time; torch needs setuptools only to compile extensions); sympy, mpmath
+# and networkx, which torch imports only for torch.compile and symbolic shapes (neither
+# loading, tracing nor serving the model imports them: torch.compile is unavailable in this
+# image); torch's test suite, test programs and test libraries, C++ headers and CMake files
+# (for building extensions against it) and static libraries. Then a check that the service,
+# the trainer and the exporter still import.
+RUN pip uninstall -y -q setuptools sympy mpmath networkx \
     && python -m pip uninstall -y -q pip \
     && site=$(python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") \
-    && rm -rf "$site"/torch/test "$site"/torch/include "$site"/torch/share/cmake \
-        "$site"/torch/lib/*.a "$site"/torch/bin/protoc* /opt/venv/bin/pip* \
-    && python -c "import torch, safetensors, fastapi, uvicorn, PIL, service.app, model.train; print('pruned: imports ok')"
+    && find "$site/torch/bin" -mindepth 1 -maxdepth 1 ! -name torch_shm_manager -exec rm -rf {} + \
+    && rm -rf "$site"/torch/test "$site"/torch/include "$site"/torch/share/cmake "$site"/torch/lib/*.a \
+        "$site"/torch/lib/libtorchbind_test.so "$site"/torch/lib/libjitbackend_test.so \
+        "$site"/torch/lib/libshm_windows /opt/venv/bin/pip* \
+    && python -c "import torch, safetensors, fastapi, uvicorn, PIL, service.app, model.train, model.export; \
+print('pruned: imports ok')"
 
 # Layer 5, the shipped checkpoints, made readable by every user whatever their mode in
 # the working tree (the exporter writes its files 0600) and writable by none but root.
@@ -116,7 +122,7 @@ LABEL org.opencontainers.image.title="glow-service" \
 
 # A fixed, unprivileged user (uid 10001), so Kubernetes' runAsNonRoot can check it by number.
 RUN groupadd --system --gid 10001 glow \
-    && useradd --system --uid 10001 --gid glow --no-create-home --home-dir /nonexistent \
+    && useradd --uid 10001 --gid glow --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin glow
 
 COPY --from=builder /opt/venv /opt/venv

@@ -317,7 +317,8 @@ def test_constraints_pin_every_requirement_of_the_project_within_its_range() -> 
     from packaging.utils import canonicalize_name
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    requirements = [*project["dependencies"], *(r for extra in project["optional-dependencies"].values() for r in extra)]
+    extras = project["optional-dependencies"].values()
+    requirements = [*project["dependencies"], *(r for extra in extras for r in extra)]
     pins = constraint_pins()
     for text in requirements:
         requirement = Requirement(text)
