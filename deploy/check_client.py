@@ -5,8 +5,8 @@ project install): images are read from the datasets' IDX files and sent as PNG, 
 here with zlib.
 
     python3 deploy/check_client.py score URL IDX_GZ --dataset NAME
-    python3 deploy/check_client.py drain URL --requests 24 -- docker stop -t 40 NAME
-    python3 deploy/check_client.py replicas URL STATS_URL --replica glow-r2 -- docker stop -t 40 glow-r2
+    python3 deploy/check_client.py drain URL --idx IDX_GZ --requests 24 -- docker stop -t 40 NAME
+    python3 deploy/check_client.py replicas URL STATS_URL --idx IDX_GZ --replica glow-r2 -- docker stop glow-r2
 
 Each prints what it saw and exits 1 when a check fails.
 """
@@ -131,8 +131,18 @@ def score(args: argparse.Namespace) -> bool:
     return ok
 
 
+def refused_while_draining(answer: Answer) -> bool:
+    """503 "shutting down": a request the server did not admit, answered so (API.md: SIGTERM)."""
+    return answer.status == 503 and b"shutting down" in (answer.body or b"")
+
+
 def drain(args: argparse.Namespace) -> bool:
-    """Requests in flight when the stop command sends SIGTERM are all answered 200."""
+    """SIGTERM with requests in flight: each gets an answer, and every admitted one its results.
+
+    A request the server had admitted before the signal (queued or running) must come back
+    200 with valid results; one that reached the server after it may be refused with 503
+    "shutting down"; nothing may end without an HTTP answer.
+    """
     body = images_body(idx_images(args.idx, args.images))
     answers: list[Answer] = []
     lock = threading.Lock()
@@ -150,15 +160,18 @@ def drain(args: argparse.Namespace) -> bool:
     for thread in clients:
         thread.join(TIMEOUT_S)
     stopper.join(TIMEOUT_S)
-    after = [a for a in answers if a.finished > stop["started"]]
     good = [a for a in answers if valid_results(a, args.images)]
-    failed = [(a.status, a.error or a.body) for a in answers if a not in good]
-    print(f"drain: {len(answers)} requests of {args.images} images sent before SIGTERM, {len(after)} still in "
-          f"flight then; {len(good)} answered 200 with valid results; stop command exit {stop.get('returncode')}, "
-          f"took {stop.get('finished', math.nan) - stop['started']:.1f} s")
+    answered_after = [a for a in good if a.finished > stop["started"]]
+    refused = [a for a in answers if refused_while_draining(a)]
+    failed = [(a.status, a.error or a.body) for a in answers if a not in good and a not in refused]
+    print(f"drain: {len(answers)} requests of {args.images} images sent {args.delay:.1f} s before SIGTERM: "
+          f"{len(good)} answered 200 with valid results ({len(answered_after)} of them after SIGTERM), "
+          f"{len(refused)} refused with 503 'shutting down' (not yet admitted), {len(failed)} other; "
+          f"stop command exit {stop.get('returncode')}, took {stop.get('finished', math.nan) - stop['started']:.1f} s")
     for failure in failed[:5]:
         print(f"  not answered: {failure}")
-    return len(good) == args.requests and len(after) > 0 and stop.get("returncode") == 0
+    return (len(answers) == args.requests and not failed and len(answered_after) > 0
+            and stop.get("returncode") == 0)
 
 
 def server_states(stats_url: str) -> dict[str, str]:
