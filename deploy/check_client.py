@@ -174,13 +174,18 @@ def drain(args: argparse.Namespace) -> bool:
             and stop.get("returncode") == 0)
 
 
-def server_states(stats_url: str) -> dict[str, str]:
-    """HAProxy's CSV statistics: each backend server's status (UP, DOWN, NOLB, MAINT, ...)."""
+def server_rows(stats_url: str) -> dict[str, dict[str, str]]:
+    """HAProxy's CSV statistics, one row per backend server by name."""
     with urllib.request.urlopen(f"{stats_url};csv", timeout=5) as response:
         lines = response.read().decode().splitlines()
     header = lines[0].lstrip("# ").split(",")
     rows = [dict(zip(header, line.split(","))) for line in lines[1:] if line]
-    return {r["svname"]: r["status"] for r in rows if r["svname"] not in ("FRONTEND", "BACKEND")}
+    return {r["svname"]: r for r in rows if r["svname"] not in ("FRONTEND", "BACKEND")}
+
+
+def server_states(stats_url: str) -> dict[str, str]:
+    """Each backend server's status (UP, DOWN, NOLB, MAINT, ...)."""
+    return {name: row["status"] for name, row in server_rows(stats_url).items()}
 
 
 def replicas(args: argparse.Namespace) -> bool:
@@ -232,6 +237,13 @@ def replicas(args: argparse.Namespace) -> bool:
           f"{'down at t=%.1f s' % (down - start) if math.isfinite(down) else 'never down'}; its last answer at "
           f"t={last - start:.1f} s; stop command exit {stop.get('returncode')}; "
           f"requests it got after being marked down: {len(late)}")
+    try:  # what the balancer did on the clients' behalf: retries and redispatches per server
+        rows = server_rows(args.stats_url)
+        print("  balancer, per replica: " + ", ".join(
+            f"{name}: {row.get('status')}, {row.get('hrsp_2xx')} 2xx, {row.get('hrsp_5xx')} 5xx, "
+            f"{row.get('wretr')} retried, {row.get('wredis')} redispatched" for name, row in sorted(rows.items())))
+    except OSError as exc:
+        print(f"  balancer statistics unavailable: {exc}")
     for a in failed[:5]:
         print(f"  not answered: HTTP {a.status} {a.error or a.body}")
     return not failed and not late and math.isfinite(down) and stop.get("returncode") == 0
