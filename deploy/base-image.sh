@@ -42,4 +42,4 @@ tar -C "$root" --numeric-owner -c . | docker import \
     --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     --change 'CMD ["python3"]' \
     - "$NAME"
-docker run --rm "$NAME" python -c "import sys, venv, ensurepip; print('base image', sys.version.split()[0])"
+docker run --rm "$NAME" python -c "import sys, venv, ensurepip; print('base image $NAME: made, python', sys.version.split()[0])"

@@ -25,7 +25,8 @@
 # (glow-python-base:3.11-bookworm), FMNIST (/usr/share/datasets/fashion-mnist),
 # MNIST (../shared/data/mnist), TORCH_WHEEL (the torch wheel for the local index; by default
 # the one in /opt/wheels or from `pip download`; none: PyTorch's own CPU index),
-# PYPI_INDEX_URL (passed on to the build when set). Ports on 127.0.0.1: 18080, 18100-18109, 18999.
+# and the build arguments TORCH_INDEX_URL, PYPI_INDEX_URL, PYPI_TRUSTED_HOST (passed on when
+# set). Ports on 127.0.0.1: 18080, 18100-18109, 18999.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -66,6 +67,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
+for idx in "$FMNIST/t10k-images-idx3-ubyte.gz" "$MNIST/t10k-images-idx3-ubyte.gz"; do
+    [ -f "$idx" ] || fail "no $idx (set FMNIST and MNIST to the datasets' folders)"
+done
+
 # ------------------------------------------------------------------------------ 1. tools
 missing=()
 command -v dockerd >/dev/null || missing+=(docker.io)
@@ -86,7 +91,9 @@ fi
 log "engine: $(docker version -f 'server {{.Server.Version}}, client {{.Client.Version}}'), $(docker-compose version --short 2>/dev/null | head -1 | sed 's/^/docker-compose /')"
 
 # ------------------------------------------------------------------------------ 2. base image
-deploy/base-image.sh "$BASE_IMAGE"
+started=$SECONDS
+deploy/base-image.sh "$BASE_IMAGE" >"$WORK/base.log" 2>&1 || { tail -30 "$WORK/base.log"; fail "the base image"; }
+log "$(tail -1 "$WORK/base.log") ($((SECONDS - started)) s)"
 
 # ------------------------------------------------------------------------------ 3. the image
 # The build arguments, exported: docker-compose's build section reads the same variables.
