@@ -16,6 +16,8 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.device import check_device_name
+
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "fashion-mnist"
 ENV_PREFIX = "GLOW_"
 
@@ -35,7 +37,10 @@ class Settings(BaseSettings):
         DEFAULT_WEIGHTS,
         description="checkpoint folder (glow.safetensors + glow.json) or its .safetensors file",
     )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs; auto: CUDA when present")
+    device: str = Field(
+        "auto", description="where the model runs: auto (CUDA when present), cpu, cuda or cuda:N; on CUDA with "
+        "TF32 off (full float32, as calibrated)"
+    )
     threads: int = Field(
         0, ge=0, le=1024,
         description="torch intra-op threads of the model on the CPU (0: the CPU cores this process may use, less "
@@ -71,6 +76,11 @@ class Settings(BaseSettings):
     @classmethod
     def _lower_case(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        return check_device_name(value)
 
     @model_validator(mode="after")
     def _requests_fit_the_queue(self) -> Settings:
