@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
-from service.batcher import Closed, DeadlineExceeded, Overloaded
+from service.batcher import Closed, DeadlineExceeded, Overloaded, Unavailable
 from service.imaging import ImageError
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, BodyTooLarge, RequestContextMiddleware
@@ -27,7 +27,7 @@ from service.routes import RETRY_AFTER_S, ClientDisconnected, router
 from service.runner import ModelRunner
 from service.schemas import describe_errors
 from service.settings import Settings
-from service.state import ServiceState
+from service.state import ModelFailed, ServiceState
 
 DESCRIPTION = """Exact log-likelihoods, anomaly scores, samples, latents and decodings of images under a
 Glow normalizing flow. Images travel as PNG or JPEG, as multipart `images` parts or JSON
@@ -76,6 +76,10 @@ def add_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, Overloaded)
         return detail(503, f"{exc}; retry later", retry_after=str(exc.retry_after_s))
 
+    async def failed(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, (Unavailable, ModelFailed))
+        return detail(503, str(exc), retry_after=str(exc.retry_after_s))
+
     async def closed(_: Request, exc: Exception) -> Response:
         return detail(503, f"{exc}; retry later or elsewhere", retry_after=RETRY_AFTER_S)
 
@@ -95,6 +99,8 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ImageError, image_error)
     app.add_exception_handler(Overloaded, overloaded)
     app.add_exception_handler(Closed, closed)
+    app.add_exception_handler(Unavailable, failed)
+    app.add_exception_handler(ModelFailed, failed)
     app.add_exception_handler(DeadlineExceeded, deadline)
     app.add_exception_handler(BodyTooLarge, too_large)
     app.add_exception_handler(RequestValidationError, invalid)

@@ -111,13 +111,10 @@ async def get_state(request: Request) -> ServiceState:
 
 
 async def ready_state(state: Annotated[ServiceState, Depends(get_state)]) -> ServiceState:
-    """The service, or 503 while it is loading or shutting down."""
-    if state.shutting_down:
-        raise HTTPException(
-            503, "the server is shutting down; retry later or elsewhere", headers={"Retry-After": RETRY_AFTER_S}
-        )
-    if not state.ready:
-        raise HTTPException(503, "the model is still loading; retry shortly", headers={"Retry-After": RETRY_AFTER_S})
+    """The service, or 503 while it is loading, failing or shutting down."""
+    reason = state.unready_reason()
+    if reason is not None:
+        raise HTTPException(503, reason, headers={"Retry-After": RETRY_AFTER_S})
     return state
 
 
