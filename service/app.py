@@ -22,7 +22,13 @@ from starlette.requests import ClientDisconnect
 from service.batcher import Closed, DeadlineExceeded, Overloaded, Unavailable
 from service.imaging import ImageError
 from service.metrics import Metrics
-from service.middleware import BodyLimitMiddleware, BodyTooLarge, RequestContextMiddleware
+from service.middleware import (
+    AdmissionMiddleware,
+    BodyLimitMiddleware,
+    BodyTimeout,
+    BodyTooLarge,
+    RequestContextMiddleware,
+)
 from service.routes import RETRY_AFTER_S, ClientDisconnected, router
 from service.runner import ModelRunner
 from service.schemas import describe_errors
@@ -55,7 +61,9 @@ def create_app(settings: Settings, runner: ModelRunner | None = None) -> FastAPI
     app.state.service = state
     app.include_router(router)
     add_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, cap_for=state.body_cap, body_timeout_s=settings.body_timeout_s)
+    app.add_middleware(AdmissionMiddleware, max_in_flight=settings.max_in_flight,
+                       stopping=lambda: state.shutting_down)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost: sees every response
     return app
 
@@ -89,6 +97,9 @@ def add_error_handlers(app: FastAPI) -> None:
     async def too_large(_: Request, exc: Exception) -> Response:
         return detail(413, str(exc))
 
+    async def too_slow(_: Request, exc: Exception) -> Response:
+        return JSONResponse({"detail": str(exc)}, status_code=408, headers={"Connection": "close"})
+
     async def invalid(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
         return detail(422, describe_errors(exc.errors()))
@@ -103,6 +114,7 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ModelFailed, failed)
     app.add_exception_handler(DeadlineExceeded, deadline)
     app.add_exception_handler(BodyTooLarge, too_large)
+    app.add_exception_handler(BodyTimeout, too_slow)
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(ClientDisconnected, disconnected)
     app.add_exception_handler(ClientDisconnect, disconnected)

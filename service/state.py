@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from service.batcher import Batcher
+from service.limits import RequestLimits
 from service.metrics import Metrics
 from service.runner import Encoded, ModelRunner, Scorable, Score
 from service.schemas import AnomalyInfo, Batching, Limits, ModelInfo
@@ -73,6 +74,11 @@ class ServiceState:
         self._shutting_down = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._probe: asyncio.Task[None] | None = None  # while the model is failing
+        self.limits: RequestLimits | None = None  # once the model is loaded
+
+    def body_cap(self, path: str) -> int | None:
+        """The body cap of a request path in bytes; None before the model (and so its size) is known."""
+        return None if self.limits is None else self.limits.body_cap(path)
 
     @property
     def ready(self) -> bool:
@@ -133,6 +139,7 @@ class ServiceState:
         """Load (if needed) and warm up the model, start the batchers; then the service is ready."""
         self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self.runner.load)
+        self.limits = RequestLimits.of(self.settings, self.runner.image_shape, self.runner.latent_dim)
         await self.runner.call(self.runner.warm_up, self.settings.max_batch_size)
         info = self.model_info()
         self.metrics.model.info(
@@ -172,6 +179,22 @@ class ServiceState:
             self._probe.cancel()
         await asyncio.to_thread(self.runner.close)
 
+    def limits_info(self) -> Limits:
+        """The request limits /model reports."""
+        settings = self.settings
+        limits = self.limits or RequestLimits.of(settings, self.runner.image_shape, self.runner.latent_dim)
+        return Limits(
+            max_images_per_request=settings.max_images_per_request,
+            max_sample_n=settings.max_sample_n,
+            max_body_bytes=limits.largest_body,
+            body_bytes={"images": limits.images_body, "decode": limits.decode_body, "other": limits.other_body},
+            max_image_bytes=limits.image_bytes,
+            max_source_pixels=settings.max_source_pixels,
+            max_in_flight=settings.max_in_flight,
+            body_timeout_s=settings.body_timeout_s,
+            request_timeout_s=settings.request_timeout_s,
+        )
+
     def model_info(self) -> ModelInfo:
         """What GET /model returns."""
         runner, settings = self.runner, self.settings
@@ -206,10 +229,5 @@ class ServiceState:
                 false_positive_rate=runner.scorer.fpr,
                 reference_size=runner.scorer.reference.numel(),
             ),
-            limits=Limits(
-                max_images_per_request=settings.max_images_per_request,
-                max_sample_n=settings.max_sample_n,
-                max_body_bytes=settings.max_body_bytes,
-                request_timeout_s=settings.request_timeout_s,
-            ),
+            limits=self.limits_info(),
         )
