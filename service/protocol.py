@@ -5,6 +5,11 @@
   408 and closed; a connection that sends nothing is closed (uvicorn's keep-alive timeout
   does the same between requests). Bodies have their own deadline
   (``service.middleware.BodyLimitMiddleware``).
+- Closing is lingering (Apache's lingering close): the server half-closes (FIN after the
+  last response) and discards what the client still sends for up to ``LINGER_S`` or until
+  the client closes. A plain close with unread bytes in the socket (the rest of a body
+  refused early with 413 or 503) makes the kernel send RST, which can destroy the
+  response before the client reads it: a request answered, yet seen as a reset.
 - At shutdown uvicorn closes every connection with no request in progress. One whose
   next request has partly arrived (bytes in the parser's buffer) is left open instead:
   the request completes and is answered (503 with ``Connection: close`` while the
@@ -28,19 +33,67 @@ REQUEST_TIMEOUT = (
 )
 
 
+LINGER_S = 2.0  # longest wait for a client to close after the server's FIN
+
+
+class LingeringTransport:
+    """A transport whose ``close`` is the protocol's lingering close; everything else passes through."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: GuardedH11Protocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        self._protocol.linger()
+
+    def is_closing(self) -> bool:
+        return self._protocol.lingering or self._transport.is_closing()
+
+
 class GuardedH11Protocol(H11Protocol):
     """H11Protocol with a request-head deadline and a shutdown that waits for partly received requests."""
 
     header_timeout_s = 10.0
     _head_timer: asyncio.TimerHandle | None = None
+    lingering = False
+    _raw: asyncio.Transport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
-        super().connection_made(transport)  # type: ignore[arg-type]
+        assert isinstance(transport, asyncio.Transport)
+        self._raw = transport
+        super().connection_made(LingeringTransport(transport, self))  # type: ignore[arg-type]
         self._arm_head_timer()
+
+    def linger(self) -> None:
+        """Half-close now, discard what still arrives, close when the client does or LINGER_S later."""
+        if self.lingering or self._raw.is_closing():
+            return
+        self.lingering = True
+        self._cancel_head_timer()
+        if not self._raw.can_write_eof():
+            self._raw.close()
+            return
+        try:
+            self._raw.write_eof()
+        except (OSError, RuntimeError):
+            self._raw.close()
+            return
+        self._raw.resume_reading()
+        self.loop.call_later(LINGER_S, self._raw.close)
+
+    def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            return  # the rest of a refused body, or a request after the last response: discarded
+        super().data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        self.lingering = False
         super().connection_lost(exc)
+        self._raw.close()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -64,7 +117,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def _arm_head_timer(self) -> None:
         self._cancel_head_timer()
-        if not self.transport.is_closing():
+        if not self.transport.is_closing() and not self.lingering:
             self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timeout)
 
     def _cancel_head_timer(self) -> None:
