@@ -10,11 +10,13 @@
   the client closes. A plain close with unread bytes in the socket (the rest of a body
   refused early with 413 or 503) makes the kernel send RST, which can destroy the
   response before the client reads it: a request answered, yet seen as a reset.
-- At shutdown uvicorn closes every connection with no request in progress. One whose
-  next request has partly arrived (bytes in the parser's buffer) is left open instead:
-  the request completes and is answered (503 with ``Connection: close`` while the
-  service stops), or its head deadline answers 408. Only connections with nothing
-  received are closed.
+- At shutdown uvicorn closes every connection with no request in progress. Here a
+  connection whose next request has partly arrived (bytes in the parser's buffer) is
+  left open: the request completes and is answered (503 with ``Connection: close``
+  while the service stops), or its head deadline answers 408. An idle connection is
+  closed only after ``SHUTDOWN_QUIET_S`` with nothing received: a request its client
+  sent just before (still in the socket, unseen by the parser) is answered instead of
+  lost, leaving only the unavoidable race of a send that crosses the server's FIN.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ REQUEST_TIMEOUT = (
 
 
 LINGER_S = 2.0  # longest wait for a client to close after the server's FIN
+SHUTDOWN_QUIET_S = 0.5  # an idle connection is closed at shutdown after this long with nothing received
 
 
 class LingeringTransport:
@@ -105,9 +108,15 @@ class GuardedH11Protocol(H11Protocol):
             self._cancel_head_timer()
 
     def shutdown(self) -> None:
-        if not self._request_in_progress() and self._partly_received():
-            return  # its request completes (and closes the connection) or times out
-        super().shutdown()
+        if self._request_in_progress():
+            super().shutdown()  # closes once answered
+        elif not self._partly_received():
+            self.loop.call_later(SHUTDOWN_QUIET_S, self._close_if_idle)
+        # else: its request completes (and closes the connection) or its head deadline answers 408
+
+    def _close_if_idle(self) -> None:
+        if not self.transport.is_closing() and not self._request_in_progress() and not self._partly_received():
+            super().shutdown()
 
     def _request_in_progress(self) -> bool:
         return self.cycle is not None and not self.cycle.response_complete
