@@ -93,8 +93,9 @@ def requests_for(model: dict, images: int) -> list[tuple[str, str, dict]]:
     shape = (height, width) if channels == 1 else (height, width, channels)
     pngs = [png_of(rng.integers(0, 256, shape, dtype=np.uint8)) for _ in range(images)]
     latents = rng.standard_normal((images, model["latent_dim"])).clip(-3, 3).round(4).tolist()
+    parts = [("images", (f"{i}.png", png, "image/png")) for i, png in enumerate(pngs)]
     return [
-        ("POST", "/log-likelihood", {"files": [("images", (f"{i}.png", png, "image/png")) for i, png in enumerate(pngs)]}),
+        ("POST", "/log-likelihood", {"files": parts}),
         ("POST", "/encode", {"json": {"images": [base64.b64encode(png).decode() for png in pngs]}}),
         ("POST", "/decode", {"json": {"latents": latents}}),
         ("GET", "/sample", {"params": {"n": images, "seed": 0}}),

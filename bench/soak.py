@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 from PIL import Image
 
@@ -65,8 +66,6 @@ def request_bytes(port: int, images: int, shape: tuple[int, int], seed: int = 0)
 
 
 def wait_ready(port: int, process: subprocess.Popen[bytes], timeout_s: float = 180) -> None:
-    import httpx
-
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:

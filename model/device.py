@@ -39,7 +39,9 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
-            raise DeviceUnavailable(f"--device {name}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+            raise DeviceUnavailable(
+                f"--device {name}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}"
+            )
         return device
     return torch.device(name)
 

@@ -139,7 +139,10 @@ class Batcher(Generic[T, R]):
         if max_batch_size < 1 or max_queue_size < 1:
             raise ValueError(f"max_batch_size and max_queue_size must be >= 1, got {max_batch_size}, {max_queue_size}")
         if not (max_wait_s >= 0 and timeout_s > 0 and restart_delay_s >= 0):
-            raise ValueError(f"need max_wait_s >= 0 and timeout_s > 0, got {max_wait_s}, {timeout_s}")
+            raise ValueError(
+                f"need max_wait_s >= 0, timeout_s > 0 and restart_delay_s >= 0, got {max_wait_s}, {timeout_s},"
+                f" {restart_delay_s}"
+            )
         self.name = name
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s

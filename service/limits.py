@@ -94,3 +94,8 @@ class RequestLimits:
             return None
         return (f"the body holds more than {bound} JSON values; a request of at most {self.max_images} {what}"
                 " holds fewer")
+
+
+def base64_decoded_length(text: str) -> int:
+    """Bytes a base64 string of this length decodes to, at most (checked before decoding it)."""
+    return len(text) * 3 // 4

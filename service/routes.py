@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from service import imaging
-from service.limits import RequestLimits
+from service.limits import RequestLimits, base64_decoded_length
 from service.schemas import (
     DecodeRequest,
     DecodeResponse,
@@ -257,9 +257,9 @@ async def decode(request: Request, state: ReadyDep) -> DecodeResponse:
     body = await request.body()
     refuse_value_bombs(limits, body, "latents")
     payload = parse_json(decode_model(limits.max_images, limits.latent_dim), body)
-    latents = getattr(payload, "latents")
-    request.state.images = len(latents)
-    latents = latents_array(latents, state.runner.latent_dim)
+    values: list[list[float]] = payload.latents  # type: ignore[attr-defined]
+    request.state.images = len(values)
+    latents = latents_array(values, state.runner.latent_dim)
     images = await until_disconnected(request, state.decodings.submit(list(latents)))
     return DecodeResponse(images=await asyncio.to_thread(_png_base64, images))
 
@@ -344,7 +344,7 @@ async def read_images(
         payload = parse_json(ImagesRequest, body)
         check_count(len(payload.images), limit, "images")
         for index, text in enumerate(payload.images):
-            check_image_bytes(len(text) * 3 // 4, limits.image_bytes, index)
+            check_image_bytes(base64_decoded_length(text), limits.image_bytes, index)
         blobs = [imaging.from_base64(text, index) for index, text in enumerate(payload.images)]
         resize = resize or payload.resize
     else:
