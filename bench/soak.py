@@ -122,6 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibrate-s", type=float, default=20.0)
     parser.add_argument("--window-s", type=float, default=60.0, help="length of each reported window ('minute')")
     parser.add_argument("--weights", type=Path, default=REPO / "weights" / "fashion-mnist")
+    parser.add_argument(
+        "--idle-s", type=float, default=120.0,
+        help="the server's --keep-alive-s and --header-timeout-s: longer than the generator's idle connections "
+        "wait (bench.loadgen reuses a connection without noticing the server's FIN, so a shorter server idle "
+        "timeout shows up as connection errors, not as the server's behaviour under load)",
+    )
     args = parser.parse_args(argv)
     if args.minutes < 1 or not 0 < args.load <= 1:
         parser.error("need --minutes >= 1 and 0 < --load <= 1")
@@ -129,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GLOW_")} | {"PYTHONPATH": str(REPO)}
     process = subprocess.Popen(
         [sys.executable, "-m", "service", "--host", HOST, "--port", str(port), "--weights", str(args.weights),
-         "--device", "cpu", "--log-level", "warning"],
+         "--device", "cpu", "--log-level", "warning", "--keep-alive-s", str(args.idle_s),
+         "--header-timeout-s", str(args.idle_s)],
         cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
