@@ -256,8 +256,13 @@ async def decode(request: Request, state: ReadyDep) -> DecodeResponse:
     limits = ready_limits(state)
     body = await request.body()
     refuse_value_bombs(limits, body, "latents")
-    payload = parse_json(decode_model(limits.max_images, limits.latent_dim), body)
+    try:
+        payload = parse_json(decode_model(limits.latent_dim), body)
+    except WrongLatentLength as exc:  # every value a number: one "[" per latent and the outer one
+        check_count(body.count(b"[") - 1, limits.max_images, "latents")
+        raise HTTPException(422, str(exc)) from None
     values: list[list[float]] = payload.latents  # type: ignore[attr-defined]
+    check_count(len(values), limits.max_images, "latents")
     request.state.images = len(values)
     latents = latents_array(values, state.runner.latent_dim)
     images = await until_disconnected(request, state.decodings.submit(list(latents)))
@@ -283,30 +288,32 @@ def refuse_value_bombs(limits: RequestLimits, body: bytes, what: str) -> None:
 
 
 @functools.lru_cache(maxsize=8)
-def decode_model(max_latents: int, latent_dim: int) -> type[BaseModel]:
-    return decode_request(max_latents, latent_dim)
+def decode_model(latent_dim: int) -> type[BaseModel]:
+    return decode_request(latent_dim)
+
+
+class WrongLatentLength(ValueError):
+    """Every value of a decode body is a number, but a latent has the wrong length (422 unless too many)."""
 
 
 def parse_json(model: type[M], body: bytes) -> M:
-    """A JSON body as ``model``: 400 if it is not JSON (or nested too deep), 413 for too many latents,
-    422 if its values are invalid."""
+    """A JSON body as ``model``: 400 if it is not JSON (or nested too deep), 422 if its values are invalid."""
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
         problems = exc.errors()
         if any(problem["type"] == "json_invalid" for problem in problems):
             raise HTTPException(400, f"the body is not valid JSON: {problems[0]['msg']}") from None
-        for problem in problems:
-            location, kind = problem["loc"], problem["type"]
-            if location == ("latents",) and kind == "too_long":
-                count = problem["ctx"]["actual_length"]
-                raise HTTPException(413, f"{count} latents in one request; at most {problem['ctx']['max_length']}"
-                                    " are accepted") from None
-            if len(location) == 2 and location[0] == "latents" and kind in ("too_long", "too_short"):
-                raise HTTPException(
-                    422, f"latents[{location[1]}] has {problem['ctx']['actual_length']} values; this model's"
-                    f" latents have {problem['ctx'].get('max_length', problem['ctx'].get('min_length'))}"
-                ) from None
+        lengths = [
+            p for p in problems
+            if len(p["loc"]) == 2 and p["loc"][0] == "latents" and p["type"] in ("too_long", "too_short")
+        ]
+        if lengths and len(lengths) == len(problems):
+            index, ctx = lengths[0]["loc"][1], lengths[0]["ctx"]
+            raise WrongLatentLength(
+                f"latents[{index}] has {ctx['actual_length']} values; this model's latents have"
+                f" {ctx.get('max_length', ctx.get('min_length'))}"
+            ) from None
         raise HTTPException(422, describe_errors(problems)) from None
 
 

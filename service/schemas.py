@@ -119,13 +119,17 @@ class DecodeRequest(BaseModel):
     )
 
 
-def decode_request(max_latents: int, latent_dim: int) -> type[BaseModel]:
-    """DecodeRequest with this app's bounds: 1..max_latents latents of exactly latent_dim numbers."""
+def decode_request(latent_dim: int) -> type[BaseModel]:
+    """DecodeRequest for this model: latents of exactly latent_dim numbers.
+
+    The count of latents is checked after validation (413), not as a ``max_length`` here:
+    pydantic skips the items of a list past its ``max_length``, and a body both too long and
+    malformed must get the 422 of its malformed values. Its parsing cost is bounded before
+    (``service.limits``: the commas of the body).
+    """
     latent = Annotated[list[Annotated[float, Strict()]], Field(min_length=latent_dim, max_length=latent_dim)]
     return create_model(
-        "DecodeRequest",
-        __config__=ConfigDict(extra="forbid"),
-        latents=(list[latent], Field(min_length=1, max_length=max_latents)),
+        "DecodeRequest", __config__=ConfigDict(extra="forbid"), latents=(list[latent], Field(min_length=1))
     )
 
 
