@@ -23,6 +23,7 @@ from service.batcher import Closed, DeadlineExceeded, Overloaded
 from service.imaging import ImageError
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, BodyTooLarge, RequestContextMiddleware
+from service.pages import add_pages
 from service.routes import RETRY_AFTER_S, ClientDisconnected, router
 from service.runner import ModelRunner
 from service.schemas import describe_errors
@@ -51,9 +52,11 @@ def create_app(settings: Settings, runner: ModelRunner | None = None) -> FastAPI
         finally:
             await state.stop()
 
-    app = FastAPI(title="Glow service", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="Glow service", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)  # /docs from the app's own files (service.pages)
     app.state.service = state
     app.include_router(router)
+    add_pages(app)
     add_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost: sees every response
