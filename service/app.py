@@ -29,6 +29,7 @@ from service.runner import ModelRunner
 from service.schemas import describe_errors
 from service.settings import Settings
 from service.state import ServiceState
+from service.tuning import tune_process
 
 DESCRIPTION = """Exact log-likelihoods, anomaly scores, samples, latents and decodings of images under a
 Glow normalizing flow. Images travel as PNG or JPEG, as multipart `images` parts or JSON
@@ -38,7 +39,8 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away; never
 
 
 def create_app(settings: Settings, runner: ModelRunner | None = None) -> FastAPI:
-    """The app serving ``settings.weights`` (or the given runner's checkpoint)."""
+    """The app serving ``settings.weights`` (or the given runner's checkpoint), the process tuned for it."""
+    tune_process(settings)
     runner = runner or ModelRunner(settings.weights, settings.device, settings.anomaly_fpr, settings.torchscript,
                                    settings.anomaly_orientation)
     metrics = Metrics(settings.max_batch_size)
