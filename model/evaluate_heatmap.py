@@ -59,10 +59,9 @@ def paste_patches(base: np.ndarray, kind: str, digits: np.ndarray, rng: np.rando
     for index in range(len(base)):
         side = int(rng.integers(PATCH_SIDES[0], PATCH_SIDES[1] + 1))
         top, left = int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1))
-        if kind == "digit":  # from near the digit's middle, where its strokes are
+        if kind == "digit":  # from the digit's middle (4 pixels in from each side), where its strokes are
             digit = digits[rng.integers(len(digits))][0]
-            row, col = np.clip((np.array(digit.shape) - side) // 2 + rng.integers(-4, 5, 2), 0,
-                               np.array(digit.shape) - side)
+            row, col = (int(v) for v in rng.integers(4, digit.shape[0] - 4 - side + 1, 2))
             patch = digit[row : row + side, col : col + side]
         elif kind == "noise":
             patch = rng.integers(0, 256, (side, side))
