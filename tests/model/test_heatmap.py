@@ -147,3 +147,11 @@ def test_patches_are_pasted_where_the_mask_says(kind: str) -> None:
     sides = np.sqrt(patched.masks.sum((1, 2)))
     assert ((sides >= 7) & (sides <= 11) & (sides == sides.round())).all()
     assert not (patched.changed & ~patched.masks).any()
+
+
+@pytest.mark.parametrize("name", ["fashion-mnist", "mnist"])
+def test_the_shipped_checkpoints_carry_a_usable_heatmap_calibration(name: str) -> None:
+    sidecar = json.loads((Path(__file__).resolve().parents[2] / "weights" / name / "glow.json").read_text())
+    shapes = Glow(GlowConfig.from_dict(sidecar["config"])).latent_shapes
+    calibration = HeatmapCalibration.from_json(sidecar[SIDECAR_KEY], shapes)
+    assert 1 < calibration.overlay_max < 1e3
