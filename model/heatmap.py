@@ -82,7 +82,7 @@ class LatentTap:
 
 def energies(latents: list[Tensor]) -> list[Tensor]:
     """eps of every level (B, C_l, H_l, W_l) -> energy maps sum_c eps^2 (B, H_l, W_l), float64."""
-    return [eps.double().square().sum(1) for eps in latents]
+    return [eps.detach().double().square().sum(1) for eps in latents]
 
 
 def level_weights(levels: int) -> list[float]:

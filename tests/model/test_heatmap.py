@@ -116,7 +116,7 @@ def test_json_round_trip_and_refusals(model: Glow, heat_calibration: HeatmapCali
 
 def test_the_command_writes_the_sidecar_and_keeps_the_weights(model: Glow, tmp_path: Path) -> None:
     train = tmp_path / "train.npz"
-    np.savez(train, images=blobs(64, seed=5).numpy())
+    np.savez(train, images=blobs(64, seed=5).numpy()[:, 0])  # (N, H, W)
     weights = save_checkpoint(model, tmp_path / "ckpt", {"dataset": {"val_count": 32}})
     sha = load_checkpoint(weights).meta["weights_sha256"]
     assert main(["--weights", str(tmp_path / "ckpt"), "--train", str(train)]) == 0

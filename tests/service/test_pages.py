@@ -12,7 +12,7 @@ import httpx
 import pytest
 from service_testing import REPO, ServerProcess, to_png, wait_until
 
-from model.data import read_idx_images
+from model.data import load_images
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -35,7 +35,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {}
     for name, path in (("fashion", FASHION_TEST), ("digit", MNIST_TEST)):
         out[name] = folder / f"{name}.png"
-        out[name].write_bytes(to_png(read_idx_images(path)[0]))
+        out[name].write_bytes(to_png(load_images(path)[0]))
     return out
 
 
