@@ -81,8 +81,8 @@ class LatentTap:
 
 
 def energies(latents: list[Tensor]) -> list[Tensor]:
-    """eps of every level (B, C_l, H_l, W_l) -> energy maps sum_c eps^2 (B, H_l, W_l), float64."""
-    return [eps.detach().double().square().sum(1) for eps in latents]
+    """eps of every level (B, C_l, H_l, W_l) -> energy maps sum_c eps^2 (B, H_l, W_l), float64 on the CPU."""
+    return [eps.detach().double().square().sum(1).cpu() for eps in latents]
 
 
 def level_weights(levels: int) -> list[float]:
@@ -104,7 +104,7 @@ class HeatmapCalibration:
             raise ValueError(f"the calibration has {len(self.mean)} levels, the latents {len(latents)}")
         heat = torch.zeros(latents[0].shape[0], *size, dtype=torch.float64)
         for weight, energy, mean, std in zip(level_weights(len(latents)), energies(latents), self.mean, self.std):
-            z = ((energy.cpu() - mean) / std).clamp(min=0)
+            z = ((energy - mean) / std).clamp(min=0)
             heat += weight * F.interpolate(z[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
         return torch.nan_to_num(heat, nan=HEAT_CAP, posinf=HEAT_CAP).clamp(max=HEAT_CAP)
 
