@@ -15,7 +15,6 @@ from model.checkpoint import load_checkpoint, save_checkpoint
 from model.evaluate_heatmap import KINDS, paste_patches
 from model.glow import Glow, GlowConfig
 from model.heatmap import SIDECAR_KEY, HeatmapCalibration, LatentTap, calibrate, level_weights, main, overlay
-from model.inference import FoldedGlow
 
 CONFIG = GlowConfig(image_shape=(1, 16, 16), levels=2, steps_per_level=2, hidden_channels=16)
 
@@ -92,7 +91,7 @@ def test_level_weights_double_per_coarser_level() -> None:
 
 def test_the_tap_records_the_pass_and_changes_nothing(model: Glow) -> None:
     x = blobs(5, seed=3)
-    folded = FoldedGlow(model)
+    folded = model.fold()
     tap = LatentTap(folded)
     log_prob, latents, _ = tap.log_prob_and_levels(x)
     assert torch.equal(log_prob, folded.log_prob_and_levels(x)[0])
