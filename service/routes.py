@@ -8,6 +8,7 @@ arrays back; they never touch a tensor.
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from service import imaging
+from service.limits import RequestLimits, base64_decoded_length
 from service.schemas import (
     DecodeRequest,
     DecodeResponse,
@@ -32,6 +34,7 @@ from service.schemas import (
     ModelInfo,
     Readiness,
     SampleResponse,
+    decode_request,
     describe_errors,
 )
 from service.runner import Score, Scorable
@@ -112,13 +115,10 @@ async def get_state(request: Request) -> ServiceState:
 
 
 async def ready_state(state: Annotated[ServiceState, Depends(get_state)]) -> ServiceState:
-    """The service, or 503 while it is loading or shutting down."""
-    if state.shutting_down:
-        raise HTTPException(
-            503, "the server is shutting down; retry later or elsewhere", headers={"Retry-After": RETRY_AFTER_S}
-        )
-    if not state.ready:
-        raise HTTPException(503, "the model is still loading; retry shortly", headers={"Retry-After": RETRY_AFTER_S})
+    """The service, or 503 while it is loading, failing or shutting down."""
+    reason = state.unready_reason()
+    if reason is not None:
+        raise HTTPException(503, reason, headers={"Retry-After": RETRY_AFTER_S})
     return state
 
 
@@ -317,10 +317,18 @@ async def decode(request: Request, state: ReadyDep) -> DecodeResponse:
         raise HTTPException(
             415, f"unsupported content type {media or '(none)'!r}: send application/json {{\"latents\": [[...], ...]}}"
         )
-    payload = parse_json(DecodeRequest, await request.body())
-    check_count(len(payload.latents), state.settings.max_images_per_request, "latents")
-    request.state.images = len(payload.latents)
-    latents = latents_array(payload.latents, state.runner.latent_dim)
+    limits = ready_limits(state)
+    body = await request.body()
+    refuse_value_bombs(limits, body, "latents")
+    try:
+        payload = parse_json(decode_model(limits.latent_dim), body)
+    except WrongLatentLength as exc:  # every value a number: one "[" per latent and the outer one
+        check_count(body.count(b"[") - 1, limits.max_images, "latents")
+        raise HTTPException(422, str(exc)) from None
+    values: list[list[float]] = payload.latents  # type: ignore[attr-defined]
+    check_count(len(values), limits.max_images, "latents")
+    request.state.images = len(values)
+    latents = latents_array(values, state.runner.latent_dim)
     images = await until_disconnected(request, state.decodings.submit(list(latents)))
     return DecodeResponse(images=await asyncio.to_thread(_png_base64, images))
 
@@ -330,20 +338,59 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
+def ready_limits(state: ServiceState) -> RequestLimits:
+    if state.limits is None:  # unreachable once ready: the limits are set before readiness
+        raise HTTPException(503, "the model is still loading; retry shortly", headers={"Retry-After": RETRY_AFTER_S})
+    return state.limits
+
+
+def refuse_value_bombs(limits: RequestLimits, body: bytes, what: str) -> None:
+    """413 for a JSON body holding more values than any request within the limits (before parsing it)."""
+    problem = limits.too_many_json_values(body, what)
+    if problem is not None:
+        raise HTTPException(413, problem)
+
+
+@functools.lru_cache(maxsize=8)
+def decode_model(latent_dim: int) -> type[BaseModel]:
+    return decode_request(latent_dim)
+
+
+class WrongLatentLength(ValueError):
+    """Every value of a decode body is a number, but a latent has the wrong length (422 unless too many)."""
+
+
 def parse_json(model: type[M], body: bytes) -> M:
-    """A JSON body as ``model``: 400 if it is not JSON, 422 if its values are invalid."""
+    """A JSON body as ``model``: 400 if it is not JSON (or nested too deep), 422 if its values are invalid."""
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
         problems = exc.errors()
         if any(problem["type"] == "json_invalid" for problem in problems):
             raise HTTPException(400, f"the body is not valid JSON: {problems[0]['msg']}") from None
+        lengths = [
+            p for p in problems
+            if len(p["loc"]) == 2 and p["loc"][0] == "latents" and p["type"] in ("too_long", "too_short")
+        ]
+        if lengths and len(lengths) == len(problems):
+            index, ctx = lengths[0]["loc"][1], lengths[0]["ctx"]
+            raise WrongLatentLength(
+                f"latents[{index}] has {ctx['actual_length']} values; this model's latents have"
+                f" {ctx.get('max_length', ctx.get('min_length'))}"
+            ) from None
         raise HTTPException(422, describe_errors(problems)) from None
 
 
 def check_count(count: int, limit: int, what: str) -> None:
     if count > limit:
         raise HTTPException(413, f"{count} {what} in one request; at most {limit} are accepted")
+
+
+def check_image_bytes(size: int, limit: int, index: int) -> None:
+    if size > limit:
+        raise HTTPException(
+            413, f"images[{index}]: {size} bytes; at most {limit} bytes per image are accepted (--max-image-bytes)"
+        )
 
 
 def as_decoded(images: list[np.ndarray]) -> list[np.ndarray]:
@@ -360,13 +407,18 @@ async def read_images(
     ``options``: turned on by the JSON body's fields of the same names, before ``then`` runs; a JSON body
     that sets one for an endpoint without ``options`` is 422.
     """
-    limit = state.settings.max_images_per_request
+    limits = ready_limits(state)
+    limit = limits.max_images
     media = media_type(request)
     if media == MULTIPART:
         blobs = await multipart_images(request, limit)
     elif media == JSON:
-        payload = parse_json(ImagesRequest, await request.body())
+        body = await request.body()
+        refuse_value_bombs(limits, body, "images")
+        payload = parse_json(ImagesRequest, body)
         check_count(len(payload.images), limit, "images")
+        for index, text in enumerate(payload.images):
+            check_image_bytes(base64_decoded_length(text), limits.image_bytes, index)
         blobs = [imaging.from_base64(text, index) for index, text in enumerate(payload.images)]
         resize = resize or payload.resize
         if options is not None:
@@ -380,10 +432,12 @@ async def read_images(
             f"unsupported content type {media or '(none)'!r}: send multipart/form-data with 'images' file parts,"
             " or application/json {\"images\": [\"<base64 PNG/JPEG>\", ...]}",
         )
+    for index, blob in enumerate(blobs):
+        check_image_bytes(len(blob), limits.image_bytes, index)
     request.state.images = len(blobs)
-    shape = state.runner.image_shape
+    shape, pixels = state.runner.image_shape, state.settings.max_source_pixels
 
-    return await asyncio.to_thread(lambda: then(imaging.decode_images(blobs, shape, resize)))
+    return await asyncio.to_thread(lambda: then(imaging.decode_images(blobs, shape, resize, pixels)))
 
 
 async def multipart_images(request: Request, limit: int) -> list[bytes]:

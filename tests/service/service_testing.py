@@ -85,14 +85,16 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``python -m service ARGS`` on 127.0.0.1 in a subprocess, its stderr collected line by line."""
+    """``python -m service ARGS`` on 127.0.0.1 in a subprocess (no shutdown grace unless ARGS set one), its
+    stderr collected line by line."""
 
     def __init__(self, args: Sequence[str]) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("GLOW_")} | {"PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port), *args],
+            [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port),
+             "--shutdown-grace-s", "0", *args],  # no grace unless a test asks for one
             cwd=REPO,
             env=env,
             stdin=subprocess.DEVNULL,
