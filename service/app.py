@@ -29,6 +29,7 @@ from service.middleware import (
     BodyTooLarge,
     RequestContextMiddleware,
 )
+from service.pages import add_pages
 from service.routes import RETRY_AFTER_S, ClientDisconnected, router
 from service.runner import ModelRunner
 from service.schemas import describe_errors
@@ -59,9 +60,11 @@ def create_app(settings: Settings, runner: ModelRunner | None = None) -> FastAPI
         finally:
             await state.stop()
 
-    app = FastAPI(title="Glow service", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="Glow service", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)  # /docs from the app's own files (service.pages)
     app.state.service = state
     app.include_router(router)
+    add_pages(app)
     add_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, cap_for=state.body_cap, body_timeout_s=settings.body_timeout_s)
     app.add_middleware(AdmissionMiddleware, max_in_flight=settings.max_in_flight,

@@ -11,7 +11,7 @@ import asyncio
 import functools
 import secrets
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
@@ -37,6 +37,7 @@ from service.schemas import (
     decode_request,
     describe_errors,
 )
+from service.runner import Score, Scorable
 from service.state import ServiceState
 
 T = TypeVar("T")
@@ -127,6 +128,27 @@ ResizeQuery = Annotated[
     bool, Query(description="resize images of another size to the model's instead of refusing them with 422")
 ]
 
+HeatmapQuery = Annotated[
+    bool, Query(description="each result also carries `heatmap`: [H][W] floats, higher = more anomalous there")
+]
+OverlayQuery = Annotated[
+    bool, Query(description="each result also carries `heatmap` and `heatmap_overlay`, a base64 PNG of the image"
+                " with its heatmap in red")
+]
+
+
+@dataclass
+class ImageOptions:
+    """Per-request options that a query parameter or the JSON body's field of the same name turns on."""
+
+    heatmap: bool = False
+    heatmap_overlay: bool = False
+
+    @property
+    def maps(self) -> bool:
+        return self.heatmap or self.heatmap_overlay
+
+
 router = APIRouter()
 
 
@@ -167,21 +189,58 @@ async def model_info(state: ReadyDep) -> ModelInfo:
 @router.post(
     "/log-likelihood",
     response_model=LogLikelihoodResponse,
+    response_model_exclude_none=True,
     responses=errors(400, 413, 415, 422, 503, 504),
     openapi_extra=IMAGES_BODY,
     tags=["inference"],
     summary="Exact log-likelihood and anomaly score of each image",
     description="Deterministic (pixels scored at their bin centres); an image's score does not depend on the"
-    " other images of its request or batch. Results come back in input order.",
+    " other images of its request or batch. Results come back in input order. With `heatmap=true` each result"
+    " also carries its anomaly heatmap, from the same pass (`heatmap_overlay=true`: and a PNG overlay).",
 )
-async def log_likelihood(request: Request, state: ReadyDep, resize: ResizeQuery = False) -> LogLikelihoodResponse:
-    items = await read_images(request, state, resize, then=state.runner.scorable)
+async def log_likelihood(
+    request: Request,
+    state: ReadyDep,
+    resize: ResizeQuery = False,
+    heatmap: HeatmapQuery = False,
+    heatmap_overlay: OverlayQuery = False,
+) -> LogLikelihoodResponse:
+    options = ImageOptions(heatmap, heatmap_overlay)
+    items = await read_images(
+        request, state, resize, then=lambda images: state.runner.scorable(images, options.maps), options=options
+    )
+    if options.maps and not state.runner.heatmaps:
+        raise HTTPException(
+            422, "this checkpoint has no heatmap calibration; python -m model.heatmap --weights DIR --train PATH adds one"
+        )
     scores = await until_disconnected(request, state.scores.submit(items))
+    overlays = (await asyncio.to_thread(_overlays, state, items, scores) if options.heatmap_overlay
+                else [None] * len(scores))
     return LogLikelihoodResponse(
-        results=[ImageScore(**asdict(score)) for score in scores],
+        results=[
+            ImageScore(
+                log_likelihood=score.log_likelihood,
+                bits_per_dim=score.bits_per_dim,
+                anomaly_score=score.anomaly_score,
+                percentile=score.percentile,
+                is_anomaly=score.is_anomaly,
+                heatmap=None if score.heatmap is None else score.heatmap.tolist(),
+                heatmap_overlay=overlay,
+            )
+            for score, overlay in zip(scores, overlays)
+        ],
         anomaly_method=state.runner.scorer.method,
         threshold=state.runner.scorer.threshold,
     )
+
+
+def _overlays(state: ServiceState, items: list[Scorable], scores: list[Score]) -> list[str | None]:
+    """Base64 PNGs of each image with its heatmap drawn over it."""
+    return [
+        None if score.heatmap is None
+        else imaging.to_base64(imaging.encode_png(state.runner.overlay_png_pixels(item.pixels, score.heatmap)))
+        for item, score in zip(items, scores)
+    ]
 
 
 @router.get(
@@ -339,11 +398,14 @@ def as_decoded(images: list[np.ndarray]) -> list[np.ndarray]:
 
 
 async def read_images(
-    request: Request, state: ServiceState, resize: bool, then: Callable[[list[np.ndarray]], T]
+    request: Request, state: ServiceState, resize: bool, then: Callable[[list[np.ndarray]], T],
+    options: ImageOptions | None = None,
 ) -> T:
     """``then`` of the request's images (uint8 arrays of the model's shape, in order), or the contract's 4xx.
 
     ``then`` runs in the worker thread that decodes them (``as_decoded``, ``ModelRunner.scorable``).
+    ``options``: turned on by the JSON body's fields of the same names, before ``then`` runs; a JSON body
+    that sets one for an endpoint without ``options`` is 422.
     """
     limits = ready_limits(state)
     limit = limits.max_images
@@ -359,6 +421,11 @@ async def read_images(
             check_image_bytes(base64_decoded_length(text), limits.image_bytes, index)
         blobs = [imaging.from_base64(text, index) for index, text in enumerate(payload.images)]
         resize = resize or payload.resize
+        if options is not None:
+            options.heatmap = options.heatmap or payload.heatmap
+            options.heatmap_overlay = options.heatmap_overlay or payload.heatmap_overlay
+        elif payload.heatmap or payload.heatmap_overlay:
+            raise HTTPException(422, "heatmap and heatmap_overlay are options of /log-likelihood only")
     else:
         raise HTTPException(
             415,

@@ -88,6 +88,10 @@ class ImagesRequest(BaseModel):
 
     images: list[str] = Field(min_length=1, description="base64-encoded PNG or JPEG files")
     resize: bool = Field(False, description="resize images of another size to the model's instead of refusing them")
+    heatmap: bool = Field(False, description="each result also carries `heatmap` (/log-likelihood only)")
+    heatmap_overlay: bool = Field(
+        False, description="each result also carries `heatmap` and `heatmap_overlay` (/log-likelihood only)"
+    )
 
 
 class ImageScore(BaseModel):
@@ -99,6 +103,12 @@ class ImageScore(BaseModel):
     anomaly_score: FiniteFloat = Field(description="higher = more anomalous; at most 1e6 (images that overflow)")
     percentile: FiniteFloat = Field(ge=0, le=100, description="share of the reference set with a lower anomaly_score")
     is_anomaly: bool = Field(description="anomaly_score above the calibrated threshold")
+    heatmap: list[list[float]] | None = Field(
+        None, description="with heatmap=true: [H][W] finite floats on the image grid, higher = more anomalous there"
+    )
+    heatmap_overlay: str | None = Field(
+        None, description="with heatmap_overlay=true: base64 PNG of the image in grey with the heatmap in red"
+    )
 
 
 class LogLikelihoodResponse(BaseModel):

@@ -23,6 +23,7 @@ from PIL import Image
 from model.anomaly import calibrate
 from model.checkpoint import save_checkpoint
 from model.glow import Glow, GlowConfig
+from model.heatmap import calibrate as calibrate_heatmap
 
 SHAPE = (1, 28, 28)
 REPO = Path(__file__).resolve().parents[2]
@@ -36,7 +37,8 @@ def make_checkpoint(directory: Path, seed: int = 0) -> Path:
         x = torch.randint(0, 256, (16, *SHAPE), dtype=torch.uint8)
         model.initialize(x)
     model.eval()
-    meta = {"name": "tiny", "dataset": {"name": "synthetic"}, "metrics": {}}
+    meta = {"name": "tiny", "dataset": {"name": "synthetic"}, "metrics": {},
+            "heatmap": calibrate_heatmap(model, x, SHAPE[1:]).to_json()}
     save_checkpoint(model, directory, meta, calibrate(model, x))
     return directory
 
