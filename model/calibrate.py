@@ -4,6 +4,10 @@ Recomputes the calibration tensors (see ``model.anomaly``) from the checkpoint's
 validation split (the last ``val_count`` training images, as recorded when it was
 trained) and rewrites the checkpoint with the same weights and metadata. Used when
 the scoring method changes without retraining; ``model.export`` calls the same code.
+
+The held-out split is only held out for the training file the run used: ``--train``
+must have the sha256 the checkpoint records (:func:`check_training_file`), and
+``--val-count`` may shrink the split but never reach into the trained-on images.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 
 from model.anomaly import DETECTORS, ORIENTATION, calibrate, describe, method_name
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from model.data import DataError, load_images, split_validation
+from model.data import DataError, load_images, sha256_file, split_validation
 from model.glow import Glow
 
 
@@ -29,6 +33,31 @@ def anomaly_meta(val_count: int) -> dict[str, Any]:
             "methods": {method_name(m): describe(m) for m in (DETECTORS, rows)},
             "reference": f"validation split (last {val_count} training images): the first half fits the rows' "
             "parameters, the second half their z-scores and the reference scores", "reference_size": val_count - val_count // 2}
+
+
+class ProvenanceError(ValueError):
+    """A training file or split other than the one the checkpoint was trained on and held out."""
+
+
+def check_training_file(path: Path, recorded: str | dict[str, str] | None) -> None:
+    """ProvenanceError unless ``path``'s sha256 is the recorded one (a digest, or a name -> digest map)."""
+    if not recorded:
+        raise ProvenanceError(f"{path}: the run records no sha256 of its training file; cannot check it")
+    digests = set(recorded.values()) if isinstance(recorded, dict) else {recorded}
+    actual = sha256_file(path)
+    if actual not in digests:
+        raise ProvenanceError(
+            f"{path}: sha256 {actual[:12]}... is not the training file's recorded "
+            f"{', '.join(sorted(d[:12] + '...' for d in digests))}: the held-out split would not be held out"
+        )
+
+
+def check_val_count(val_count: int, held_out: int) -> None:
+    """ProvenanceError unless 0 < ``val_count`` <= ``held_out`` (the run's held-out split)."""
+    if not 0 < val_count <= held_out:
+        raise ProvenanceError(
+            f"--val-count {val_count}: must be between 1 and the {held_out} images held out from training"
+        )
 
 
 def calibration_for(model: Glow, train_path: Path, val_count: int) -> dict[str, torch.Tensor]:
@@ -44,9 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         checkpoint = load_checkpoint(args.weights)
-        val_count = args.val_count or int(checkpoint.meta["dataset"]["val_count"])
+        dataset = checkpoint.meta.get("dataset") or {}
+        held_out = int(dataset.get("val_count", 0))
+        val_count = held_out if args.val_count is None else args.val_count
+        check_val_count(val_count, held_out)
+        check_training_file(args.train, dataset.get("train_files"))
         calibration = calibration_for(checkpoint.model, args.train, val_count)
-    except (CheckpointError, DataError, KeyError) as exc:
+    except (CheckpointError, DataError, ProvenanceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     meta = {k: v for k, v in checkpoint.meta.items()}

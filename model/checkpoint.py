@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from model.data import sha256_file
+from model.device import exact_float32
 from model.glow import Glow, GlowConfig
 
 WEIGHTS_FILE = "glow.safetensors"
@@ -182,4 +183,5 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
         if not torch.isfinite(tensor).all():
             raise CheckpointError(f"{weights}: calibration.{name} holds NaN or infinite values")
     model.to(device).eval()
+    exact_float32(torch.device(device))
     return Checkpoint(model=model, meta=meta, calibration=calibration, weights_path=weights)

@@ -18,10 +18,11 @@ from typing import Any
 import torch
 
 from model.anomaly import calibrate
-from model.calibrate import anomaly_meta
+from model.calibrate import ProvenanceError, anomaly_meta, check_training_file
 from model.card import write_card
 from model.checkpoint import parameter_count, read_sidecar, read_tensors, save_checkpoint
 from model.data import fingerprint, load_images, split_validation
+from model.device import DeviceUnavailable, exact_float32, resolve_device
 from model.evaluate import bits_per_dim
 from model.glow import Glow, GlowConfig
 from model.train import LOG_FILE, STATE_FILE, read_state_info
@@ -58,7 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     model, info = load_run(args.run)
-    model.to(args.device)
+    try:
+        check_training_file(args.train, info.get("dataset_sha256"))
+        device = resolve_device(args.device)
+    except (ProvenanceError, ValueError, DeviceUnavailable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    model.to(device)
+    exact_float32(device)
     train_images, val_images = split_validation(load_images(args.train), info["val_count"])
     test_images = load_images(args.test)
     dataset = info["dataset_name"]

@@ -1,8 +1,15 @@
 """``python -m service [flags]``: flags and GLOW_* variables -> settings -> checkpoint -> uvicorn.
 
-Exit codes: 0 after a graceful shutdown (SIGTERM or SIGINT: admission stops, queued and
-running work is answered), 1 when the checkpoint or device is unusable or the server
-cannot start, 2 for a bad flag or variable. Errors before serving are one line on stderr.
+Exit codes: 0 after a graceful shutdown, 1 when the checkpoint or device is unusable or
+the server cannot start, 2 for a bad flag or variable. Errors before serving are one
+line on stderr.
+
+Shutdown (SIGTERM or SIGINT): readiness turns 503 at once and new work is refused with
+503; for ``--shutdown-grace-s`` the listener still accepts, and every response carries
+``Connection: close`` (load balancers notice, clients reconnect elsewhere). Then the
+listener closes, connections with nothing received are closed, requests in progress
+(and queued work) are answered, and the process exits 0. A second signal skips the
+grace.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from types import FrameType
 
@@ -18,23 +26,35 @@ import uvicorn
 from model.checkpoint import CheckpointError
 from model.device import DeviceUnavailable
 from service.app import create_app
+from service.protocol import guarded_protocol
 from service.runner import ModelRunner
 from service.settings import Settings, SettingsError
 from service.state import ServiceState
 from service.tuning import tune_process
 
 PROG = "python -m service"
+log = logging.getLogger("service")
 
 
 class GracefulServer(uvicorn.Server):
-    """uvicorn's server, telling the app to stop admitting work the moment a signal arrives."""
+    """uvicorn's server: on a signal the app stops admitting work at once, the listener ``grace_s`` later."""
 
-    def __init__(self, config: uvicorn.Config, state: ServiceState) -> None:
+    def __init__(self, config: uvicorn.Config, state: ServiceState, grace_s: float) -> None:
         super().__init__(config)
         self._state = state
+        self._grace_s = grace_s
+        self._grace: threading.Timer | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self._state.request_shutdown()
+        if self._grace is None and self._grace_s > 0:
+            log.info("shutting down: readiness 503, refusing new work; closing the listener in %g s", self._grace_s)
+            self._grace = threading.Timer(self._grace_s, super().handle_exit, (sig, frame))
+            self._grace.daemon = True
+            self._grace.start()
+            return
+        if self._grace is not None:
+            self._grace.cancel()  # a second signal: no more grace
         super().handle_exit(sig, frame)
 
 
@@ -70,8 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_level=settings.log_level,
         access_log=False,  # service.access logs one structured line per request
         lifespan="on",
+        http=guarded_protocol(settings.header_timeout_s),
+        timeout_keep_alive=settings.keep_alive_s,
     )
-    server = GracefulServer(config, app.state.service)
+    server = GracefulServer(config, app.state.service, settings.shutdown_grace_s)
     server.run()
     return 0 if server.started else 1
 

@@ -19,15 +19,22 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
-from service.batcher import Closed, DeadlineExceeded, Overloaded
+from service.batcher import Closed, DeadlineExceeded, Overloaded, Unavailable
 from service.imaging import ImageError
 from service.metrics import Metrics
-from service.middleware import BodyLimitMiddleware, BodyTooLarge, RequestContextMiddleware
+from service.middleware import (
+    AdmissionMiddleware,
+    BodyLimitMiddleware,
+    BodyTimeout,
+    BodyTooLarge,
+    RequestContextMiddleware,
+)
+from service.pages import add_pages
 from service.routes import RETRY_AFTER_S, ClientDisconnected, router
 from service.runner import ModelRunner
 from service.schemas import describe_errors
 from service.settings import Settings
-from service.state import ServiceState
+from service.state import ModelFailed, ServiceState
 from service.tuning import tune_process
 
 DESCRIPTION = """Exact log-likelihoods, anomaly scores, samples, latents and decodings of images under a
@@ -53,11 +60,15 @@ def create_app(settings: Settings, runner: ModelRunner | None = None) -> FastAPI
         finally:
             await state.stop()
 
-    app = FastAPI(title="Glow service", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="Glow service", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)  # /docs from the app's own files (service.pages)
     app.state.service = state
     app.include_router(router)
+    add_pages(app)
     add_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, cap_for=state.body_cap, body_timeout_s=settings.body_timeout_s)
+    app.add_middleware(AdmissionMiddleware, max_in_flight=settings.max_in_flight,
+                       stopping=lambda: state.shutting_down)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost: sees every response
     return app
 
@@ -78,6 +89,10 @@ def add_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, Overloaded)
         return detail(503, f"{exc}; retry later", retry_after=str(exc.retry_after_s))
 
+    async def failed(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, (Unavailable, ModelFailed))
+        return detail(503, str(exc), retry_after=str(exc.retry_after_s))
+
     async def closed(_: Request, exc: Exception) -> Response:
         return detail(503, f"{exc}; retry later or elsewhere", retry_after=RETRY_AFTER_S)
 
@@ -86,6 +101,9 @@ def add_error_handlers(app: FastAPI) -> None:
 
     async def too_large(_: Request, exc: Exception) -> Response:
         return detail(413, str(exc))
+
+    async def too_slow(_: Request, exc: Exception) -> Response:
+        return JSONResponse({"detail": str(exc)}, status_code=408, headers={"Connection": "close"})
 
     async def invalid(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
@@ -97,8 +115,11 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ImageError, image_error)
     app.add_exception_handler(Overloaded, overloaded)
     app.add_exception_handler(Closed, closed)
+    app.add_exception_handler(Unavailable, failed)
+    app.add_exception_handler(ModelFailed, failed)
     app.add_exception_handler(DeadlineExceeded, deadline)
     app.add_exception_handler(BodyTooLarge, too_large)
+    app.add_exception_handler(BodyTimeout, too_slow)
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(ClientDisconnected, disconnected)
     app.add_exception_handler(ClientDisconnect, disconnected)

@@ -1,21 +1,28 @@
 """A generic asyncio dynamic batcher: many callers' items, one ``process`` call per batch.
 
-Callers :meth:`Batcher.submit` a request of one or more opaque items and await its
-results. One loop per batcher takes queued items in arrival order into batches of at
-most ``max_batch_size`` items, closing a batch as soon as it is full or ``max_wait_s``
-after its first item arrived, and awaits ``process`` on each batch, one at a time.
-A request's items may be split across and within batches; its caller gets all its
-results, in its order, once the last one is back.
+Callers :meth:`Batcher.submit` a request of one or more opaque items and await one
+future for all its results. The queue holds one entry per waiting item, in arrival
+order, and its length is the queue depth. One loop per batcher takes up to
+``max_batch_size`` entries into a batch as soon as that many wait or ``max_wait_s``
+after the oldest arrived, and awaits ``process`` on each batch, one at a time. A
+request's items may be split across and within batches; its future is resolved, with
+all its results in its order, once the last one is back.
 
 - Admission is bounded in items: a request that does not fit in ``max_queue_size``
   queued items is refused at once with :class:`Overloaded` (and a Retry-After
   estimate); once :meth:`Batcher.close` is called, new requests get :class:`Closed`
   while what is queued still runs (draining).
-- A request none of whose items has reached a batch after ``timeout_s`` fails with
-  :class:`DeadlineExceeded` and never reaches ``process``.
-- A caller that goes away (its task is cancelled) has its queued items dropped
-  before their batch runs.
-- An exception from ``process`` reaches the callers of that batch and no one else.
+- Each request has a deadline, a timer on the clock: if none of its items has reached a
+  batch ``timeout_s`` after it was queued, it fails with :class:`DeadlineExceeded` and
+  never reaches ``process``.
+- A caller that goes away cancels its future (a plain ``Task.cancel`` of the awaiting
+  task does): its queued items leave the queue at once.
+- An exception from ``process`` reaches the callers of that batch and no one else;
+  their items still queued leave the queue.
+- The loop task is supervised: should it fail, every request queued or in the running
+  batch fails with :class:`Unavailable`, :attr:`Batcher.healthy` is false and new
+  requests are refused with :class:`Unavailable` until the loop restarts
+  ``restart_delay_s`` later.
 
 No torch and no model here: items and results are opaque, and time comes from an
 injected :class:`Clock`, so tests drive the batcher deterministically.
@@ -24,6 +31,7 @@ injected :class:`Clock`, so tests drive the batcher deterministically.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections import deque
@@ -35,6 +43,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 BATCH_SECONDS_SMOOTHING = 0.2  # weight of the latest batch in the running mean of batch durations
+RESTART_DELAY_S = 1.0  # between a failed loop and its restart (readiness is 503 meanwhile)
+log = logging.getLogger("service.batcher")
 
 
 class BatcherError(Exception):
@@ -57,22 +67,34 @@ class Closed(BatcherError):
     """The batcher is shutting down and admits no new work."""
 
 
+class Unavailable(BatcherError):
+    """The batching loop failed; it restarts on its own, retry after ``retry_after_s`` seconds."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Timer(Protocol):
+    def cancel(self) -> None: ...
+
+
 class Clock(Protocol):
-    """Monotonic time in seconds and a way to wait for it."""
+    """Monotonic time in seconds, and callbacks at a later time."""
 
     def now(self) -> float: ...
 
-    async def sleep(self, seconds: float) -> None: ...
+    def call_later(self, seconds: float, callback: Callable[[], None]) -> Timer: ...
 
 
 class MonotonicClock:
-    """The real clock: ``time.monotonic`` and ``asyncio.sleep``."""
+    """The real clock: the event loop's (monotonic) time and timers."""
 
     def now(self) -> float:
         return time.monotonic()
 
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
+    def call_later(self, seconds: float, callback: Callable[[], None]) -> Timer:
+        return asyncio.get_running_loop().call_later(seconds, callback)
 
 
 class BatchListener(Protocol):
@@ -87,20 +109,15 @@ class BatchListener(Protocol):
 
 @dataclass(eq=False)
 class _Request(Generic[T, R]):
-    """One caller's items, its future and how far its items have got."""
+    """One caller's items, the future of all their results, and its deadline timer."""
 
     items: Sequence[T]
     future: asyncio.Future[list[R]]
     queued_at: float
-    deadline: float
-    results: list[Any] = field(default_factory=list)
-    taken: int = 0  # items handed to a batch so far (they leave the queue in order)
-    finished: int = 0  # results back so far
-    discarded: bool = False  # its queued items no longer count (answered, failed or abandoned)
-
-    @property
-    def queued(self) -> int:
-        return len(self.items) - self.taken
+    results: list[Any]
+    started: bool = False  # an item has reached a batch: the deadline no longer applies
+    left: int = 0  # results still to come
+    deadline: Timer | None = field(default=None, repr=False)
 
 
 class Batcher(Generic[T, R]):
@@ -117,39 +134,55 @@ class Batcher(Generic[T, R]):
         clock: Clock | None = None,
         listener: BatchListener | None = None,
         name: str = "batcher",
+        restart_delay_s: float = RESTART_DELAY_S,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1:
             raise ValueError(f"max_batch_size and max_queue_size must be >= 1, got {max_batch_size}, {max_queue_size}")
-        if not (max_wait_s >= 0 and timeout_s > 0):
-            raise ValueError(f"need max_wait_s >= 0 and timeout_s > 0, got {max_wait_s}, {timeout_s}")
+        if not (max_wait_s >= 0 and timeout_s > 0 and restart_delay_s >= 0):
+            raise ValueError(
+                f"need max_wait_s >= 0, timeout_s > 0 and restart_delay_s >= 0, got {max_wait_s}, {timeout_s},"
+                f" {restart_delay_s}"
+            )
         self.name = name
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue_size = max_queue_size
         self.timeout_s = timeout_s
+        self.restart_delay_s = restart_delay_s
         self._process = process
         self._clock = clock or MonotonicClock()
         self._listener = listener
-        self._queue: deque[_Request[T, R]] = deque()
-        self._depth = 0  # queued items of live requests
+        self._queue: deque[tuple[_Request[T, R], int]] = deque()  # (request, item index), one per waiting item
+        self._running: list[_Request[T, R]] = []  # the requests of the batch in ``process``
         self._wakeup = asyncio.Event()
         self._closed = False
         self._task: asyncio.Task[None] | None = None
+        self._started = False
         self._batch_seconds = 0.0  # running mean of batch durations, for Retry-After
 
     @property
     def depth(self) -> int:
         """Items waiting for a batch."""
-        return self._depth
+        return len(self._queue)
 
     @property
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def healthy(self) -> bool:
+        """The loop runs (false from a failure of the loop until its restart)."""
+        return self._task is not None and not self._task.done()
+
     def start(self) -> None:
         """Start the batching loop on the running event loop."""
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"{self.name}-loop")
+            self._started = True
+            self._launch()
+
+    def _launch(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"{self.name}-loop")
+        self._task.add_done_callback(self._supervise)
 
     def close(self) -> None:
         """Stop admitting requests; what is queued runs at once, without waiting to fill batches."""
@@ -159,122 +192,125 @@ class Batcher(Generic[T, R]):
     async def stop(self) -> None:
         """Close, then wait until every queued and running request is answered."""
         self.close()
-        if self._task is not None:
-            await self._task
+        while self._task is not None and not self._task.done():
+            await asyncio.wait((self._task,))
 
     def retry_after_s(self) -> int:
         """Whole seconds until the current queue is likely to have drained (at least 1)."""
-        batches = math.ceil(self._depth / self.max_batch_size)
+        batches = math.ceil(len(self._queue) / self.max_batch_size)
         return max(1, math.ceil(batches * (self._batch_seconds + self.max_wait_s)))
 
     async def submit(self, items: Sequence[T]) -> list[R]:
         """Queue ``items`` as one request and return their results, in order."""
         if self._closed:
             raise Closed(f"{self.name}: shutting down, not accepting new work")
-        if self._task is None:
+        if not self._started:
             raise RuntimeError(f"{self.name}: submit before start")
+        if not self.healthy:
+            raise Unavailable(f"{self.name}: the batching loop failed and is restarting", self._restart_after_s())
         if not items:
             return []
         if len(items) > self.max_queue_size:
             raise ValueError(f"{self.name}: {len(items)} items can never fit a queue of {self.max_queue_size}")
-        if self._depth + len(items) > self.max_queue_size:
+        if len(self._queue) + len(items) > self.max_queue_size:
             raise Overloaded(
-                f"{self.name}: queue full ({self._depth} of {self.max_queue_size} items waiting)", self.retry_after_s()
+                f"{self.name}: queue full ({len(self._queue)} of {self.max_queue_size} items waiting)",
+                self.retry_after_s(),
             )
-        now = self._clock.now()
-        request: _Request[T, R] = _Request(
-            items, asyncio.get_running_loop().create_future(), now, now + self.timeout_s, [None] * len(items)
-        )
-        request.future.add_done_callback(lambda _: self._discard(request))
-        self._queue.append(request)
-        self._depth += len(items)
+        future: asyncio.Future[list[R]] = asyncio.get_running_loop().create_future()
+        request: _Request[T, R] = _Request(items, future, self._clock.now(), [None] * len(items), left=len(items))
+        request.deadline = self._clock.call_later(self.timeout_s, lambda: self._expire(request))
+        future.add_done_callback(lambda _: self._forget(request))
+        self._queue.extend((request, index) for index in range(len(items)))
         self._wakeup.set()
-        timer = asyncio.ensure_future(self._clock.sleep(self.timeout_s))
-        try:
-            await asyncio.wait((request.future, timer), return_when=asyncio.FIRST_COMPLETED)
-            if not request.future.done() and request.taken == 0:
-                request.future.set_exception(
-                    DeadlineExceeded(f"{self.name}: waited {self.timeout_s:g} s in the queue without being run")
-                )
-            return await request.future  # a request already (partly) running is answered
-        finally:
-            timer.cancel()
-            request.future.cancel()  # no-op once answered; drops the queued items of a caller that went away
+        return await future  # cancelling the caller cancels the future: _forget drops its queued items
 
-    def _discard(self, request: _Request[T, R]) -> None:
-        """Stop counting a request's queued items (idempotent); the loop skips it."""
-        if not request.discarded:
-            request.discarded = True
-            self._depth -= request.queued
+    def _restart_after_s(self) -> int:
+        return max(1, math.ceil(self.restart_delay_s))
+
+    def _expire(self, request: _Request[T, R]) -> None:
+        """The deadline timer: fail a request none of whose items has reached a batch."""
+        if not request.started and not request.future.done():
+            request.future.set_exception(
+                DeadlineExceeded(f"{self.name}: waited {self.timeout_s:g} s in the queue without being run")
+            )
+
+    def _forget(self, request: _Request[T, R]) -> None:
+        """A request is answered, failed or cancelled: its timer stops and its queued items leave the queue."""
+        if request.deadline is not None:
+            request.deadline.cancel()
+        if request.left and any(queued is request for queued, _ in self._queue):
+            self._queue = deque(entry for entry in self._queue if entry[0] is not request)
+            self._wakeup.set()  # a filling batch may have lost its oldest item
+
+    def _supervise(self, task: asyncio.Task[None]) -> None:
+        """The loop task ended: after a failure, answer everyone it held and restart it after a delay."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("%s: batching loop failed; restarting in %g s", self.name, self.restart_delay_s,
+                  exc_info=task.exception())
+        failure = Unavailable(f"{self.name}: the batching loop failed; retry shortly", self._restart_after_s())
+        for request in dict.fromkeys([*self._running, *(request for request, _ in self._queue)]):
+            if not request.future.done():
+                request.future.set_exception(failure)
+        self._running, self._queue = [], deque()
+        self._clock.call_later(self.restart_delay_s, self._launch)
 
     async def _run(self) -> None:
         while True:
-            if self._depth == 0:
-                self._queue.clear()  # only discarded requests can be left
+            if not self._queue:
                 if self._closed:
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            await self._fill(self._queue[0].queued_at + self.max_wait_s)
+            await self._fill()
             batch = self._take()
             if batch:
                 await self._execute(batch)
 
-    async def _fill(self, close_at: float) -> None:
-        """Wait until a batch is full, the batcher closes, or the clock reaches ``close_at``."""
-        while self._depth < self.max_batch_size and not self._closed:
-            remaining = close_at - self._clock.now()
+    async def _fill(self) -> None:
+        """Wait until a batch is full, the batcher closes, or ``max_wait_s`` has passed since the oldest item came."""
+        while self._queue and len(self._queue) < self.max_batch_size and not self._closed:
+            remaining = self._queue[0][0].queued_at + self.max_wait_s - self._clock.now()
             if remaining <= 0:
                 return
             self._wakeup.clear()
-            woken = asyncio.ensure_future(self._wakeup.wait())
-            timer = asyncio.ensure_future(self._clock.sleep(remaining))
+            timer = self._clock.call_later(remaining, self._wakeup.set)
             try:
-                await asyncio.wait((woken, timer), return_when=asyncio.FIRST_COMPLETED)
+                await self._wakeup.wait()
             finally:
-                woken.cancel()
                 timer.cancel()
 
     def _take(self) -> list[tuple[_Request[T, R], int]]:
         """Up to max_batch_size (request, item index) pairs from the head of the queue."""
-        batch: list[tuple[_Request[T, R], int]] = []
         now = self._clock.now()
-        while self._queue and len(batch) < self.max_batch_size:
-            request = self._queue[0]
-            if request.future.done() or request.discarded:
-                self._discard(request)
-                self._queue.popleft()
-                continue
-            if request.taken == 0 and now >= request.deadline:
-                request.future.set_exception(
-                    DeadlineExceeded(f"{self.name}: waited {self.timeout_s:g} s in the queue without being run")
-                )
-                self._discard(request)
-                self._queue.popleft()
-                continue
-            if request.taken == 0 and self._listener is not None:
-                self._listener.queue_wait(now - request.queued_at)
-            count = min(request.queued, self.max_batch_size - len(batch))
-            batch.extend((request, index) for index in range(request.taken, request.taken + count))
-            request.taken += count
-            self._depth -= count
-            if request.queued == 0:
-                self._queue.popleft()
+        batch = [self._queue.popleft() for _ in range(min(self.max_batch_size, len(self._queue)))]
+        for request in dict.fromkeys(request for request, _ in batch):
+            if not request.started:
+                request.started = True
+                if self._listener is not None:
+                    self._listener.queue_wait(now - request.queued_at)
         return batch
 
     async def _execute(self, batch: list[tuple[_Request[T, R], int]]) -> None:
-        """One ``process`` call; results to their requests, or its exception to this batch's requests."""
+        """One ``process`` call; results to their requests, or its exception to this batch's requests.
+
+        ``_running`` names the batch's requests until they are answered, so that a failure
+        of the loop itself (here or in the listener) reaches them (:meth:`_supervise`).
+        """
+        requests = list(dict.fromkeys(request for request, _ in batch))
+        self._running = requests
         started = self._clock.now()
         try:
             results = await self._process([request.items[index] for request, index in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"{self.name}: process returned {len(results)} results for {len(batch)} items")
         except Exception as exc:  # whatever it is, it belongs to this batch's callers
-            for request in dict.fromkeys(request for request, _ in batch):
+            for request in requests:
                 if not request.future.done():
                     request.future.set_exception(exc)
-            return
+            results = []
         finally:
             seconds = self._clock.now() - started
             self._batch_seconds += BATCH_SECONDS_SMOOTHING * (seconds - self._batch_seconds)
@@ -284,6 +320,7 @@ class Batcher(Generic[T, R]):
             if request.future.done():
                 continue
             request.results[index] = result
-            request.finished += 1
-            if request.finished == len(request.items):
+            request.left -= 1
+            if request.left == 0:
                 request.future.set_result(request.results)
+        self._running = []

@@ -56,9 +56,10 @@ class _Call:
     options: dict[str, Any]
 
 
-def _images_call(path: str, images: Sequence[bytes], resize: bool) -> _Call:
+def _images_call(path: str, images: Sequence[bytes], resize: bool, **flags: bool) -> _Call:
     parts = [("images", (f"image{index}", data, _content_type(data))) for index, data in enumerate(images)]
-    return _Call("POST", path, {"files": parts, "params": {"resize": "true"} if resize else {}})
+    params = {name: "true" for name, on in {"resize": resize, **flags}.items() if on}
+    return _Call("POST", path, {"files": parts, "params": params})
 
 
 def _content_type(data: bytes) -> str:
@@ -125,9 +126,13 @@ class GlowClient:
     def model_info(self) -> ModelInfo:
         return ModelInfo.model_validate(_json(self._http.get("/model")))
 
-    def score(self, images: Sequence[bytes], *, resize: bool = False) -> list[ImageScore]:
-        """Log-likelihood and anomaly score of each image, in order."""
-        response = self._send(_images_call("/log-likelihood", images, resize))
+    def score(
+        self, images: Sequence[bytes], *, resize: bool = False, heatmap: bool = False, heatmap_overlay: bool = False
+    ) -> list[ImageScore]:
+        """Log-likelihood and anomaly score of each image, in order; ``heatmap``: each with its ``heatmap``
+        ([H][W] floats), ``heatmap_overlay``: and a base64 PNG of it drawn over the image."""
+        response = self._send(_images_call("/log-likelihood", images, resize, heatmap=heatmap,
+                                           heatmap_overlay=heatmap_overlay))
         return LogLikelihoodResponse.model_validate(_json(response)).results
 
     def encode(self, images: Sequence[bytes], *, resize: bool = False) -> EncodeResponse:
@@ -178,9 +183,13 @@ class AsyncGlowClient:
     async def model_info(self) -> ModelInfo:
         return ModelInfo.model_validate(_json(await self._http.get("/model")))
 
-    async def score(self, images: Sequence[bytes], *, resize: bool = False) -> list[ImageScore]:
-        """Log-likelihood and anomaly score of each image, in order."""
-        response = await self._send(_images_call("/log-likelihood", images, resize))
+    async def score(
+        self, images: Sequence[bytes], *, resize: bool = False, heatmap: bool = False, heatmap_overlay: bool = False
+    ) -> list[ImageScore]:
+        """Log-likelihood and anomaly score of each image, in order; ``heatmap`` and ``heatmap_overlay`` as in
+        :meth:`GlowClient.score`."""
+        response = await self._send(_images_call("/log-likelihood", images, resize, heatmap=heatmap,
+                                                 heatmap_overlay=heatmap_overlay))
         return LogLikelihoodResponse.model_validate(_json(response)).results
 
     async def encode(self, images: Sequence[bytes], *, resize: bool = False) -> EncodeResponse:

@@ -2,8 +2,16 @@
 
 Decoding untrusted bytes only ever raises an :class:`ImageError` whose ``status_code``
 is the contract's: 400 undecodable, 413 too large (Pillow's decompression-bomb guard,
-kept as it is), 422 the wrong size (unless resizing). An image of another mode is
-converted to the model's (L for one channel, RGB for three).
+kept as it is, and the source-pixel budget of resizing), 422 the wrong size (unless
+resizing). An image of another mode is converted to the model's (L for one channel,
+RGB for three).
+
+The cost of a request is bounded before any pixel is decoded: :func:`decode_images`
+reads every image's header first (a few hundred bytes each) and refuses the request if
+an image has the wrong size or, when resizing, if its images hold more than
+``max_source_pixels`` pixels in all. JPEGs are then decoded at a reduced scale where
+that suffices (Pillow's ``draft``), and large downscales start with a box reduction
+(``reducing_gap``).
 """
 
 from __future__ import annotations
@@ -19,7 +27,8 @@ from PIL import Image, UnidentifiedImageError
 
 FORMATS = ("PNG", "JPEG")
 MODES = {1: "L", 3: "RGB"}  # channels -> Pillow mode
-MAX_RESIZE_PIXELS = 4096 * 4096  # largest image resize=true decodes (a bound on work per image)
+MAX_RESIZE_PIXELS = 2048 * 2048  # largest image resize=true decodes (a bound on work per image)
+REDUCING_GAP = 3.0  # downscales by more than this start with a box reduction (Pillow: near-identical quality)
 GRID_PADDING = 2  # pixels between the tiles of a sample grid
 
 
@@ -70,9 +79,11 @@ def decode_image(data: bytes, shape: tuple[int, int, int], resize: bool = False)
                         f"image of {size[0]}x{size[1]} pixels is too large to resize"
                         f" (at most {MAX_RESIZE_PIXELS} pixels)"
                     )
+            if size != (width, height):
+                image.draft(mode_of(channels), (width, height))  # JPEG: decode at 1/2..1/8 scale where it suffices
             converted = image.convert(mode_of(channels))
             if converted.size != (width, height):
-                converted = converted.resize((width, height), Image.Resampling.LANCZOS)
+                converted = converted.resize((width, height), Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP)
             pixels = np.asarray(converted, dtype=np.uint8)
     except ImageError:
         raise
@@ -85,8 +96,60 @@ def decode_image(data: bytes, shape: tuple[int, int, int], resize: bool = False)
     return pixels.reshape(height, width, channels).transpose(2, 0, 1).copy()  # (C, H, W)
 
 
-def decode_images(blobs: Sequence[bytes], shape: tuple[int, int, int], resize: bool = False) -> list[np.ndarray]:
-    """Every image of a request, or the ImageError of the first bad one, naming it (images[i])."""
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the image's header alone, or ImageError (undecodable, or past Pillow's bomb limit)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as image:
+            width, height = image.size
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"image refused as a decompression bomb: {exc}") from None
+    except UnidentifiedImageError:
+        raise UndecodableImage("not a PNG or JPEG image") from None
+    except Exception as exc:  # whatever Pillow raises on untrusted bytes, the image is undecodable
+        raise UndecodableImage(f"corrupt PNG or JPEG image ({type(exc).__name__}: {exc})") from None
+    if width * height > Image.MAX_IMAGE_PIXELS:  # where Pillow only warns
+        raise ImageTooLarge(
+            f"image of {width}x{height} pixels exceeds the decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels"
+        )
+    return width, height
+
+
+def check_sizes(
+    blobs: Sequence[bytes], shape: tuple[int, int, int], resize: bool, max_source_pixels: int
+) -> None:
+    """From the headers only: every image of the model's size, or (resizing) all of them within the pixel budget."""
+    _, height, width = shape
+    total = 0
+    for index, data in enumerate(blobs):
+        try:
+            size = image_size(data)
+        except ImageError as exc:
+            raise type(exc)(f"images[{index}]: {exc}") from None
+        if size != (width, height):
+            if not resize:
+                raise WrongImageSize(
+                    f"images[{index}]: image is {size[0]}x{size[1]} pixels, the model takes {width}x{height}"
+                    " (width x height); send that size or set resize=true"
+                )
+            total += size[0] * size[1]
+    if total > max_source_pixels:
+        raise ImageTooLarge(
+            f"the images to resize hold {total} pixels in all; at most {max_source_pixels} per request"
+            " (--max-source-pixels): send smaller images or fewer per request"
+        )
+
+
+def decode_images(
+    blobs: Sequence[bytes],
+    shape: tuple[int, int, int],
+    resize: bool = False,
+    max_source_pixels: int = MAX_RESIZE_PIXELS,
+) -> list[np.ndarray]:
+    """Every image of a request, or the ImageError of the first bad one, naming it (images[i]).
+
+    All headers are checked (:func:`check_sizes`) before the first image is decoded.
+    """
+    check_sizes(blobs, shape, resize, max_source_pixels)
     arrays = []
     for index, data in enumerate(blobs):
         try:

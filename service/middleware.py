@@ -1,4 +1,4 @@
-"""Pure ASGI middleware: request IDs, one access-log line and metrics per request, the body-size limit.
+"""Pure ASGI middleware: request IDs, one access-log line and metrics per request, admission, body limits.
 
 Pure ASGI (not ``BaseHTTPMiddleware``) so request bodies stream through untouched and
 the request's task is the handler's own (a client's disconnect reaches the handler).
@@ -6,12 +6,14 @@ the request's task is the handler's own (a client's disconnect reaches the handl
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import JSONResponse
@@ -29,11 +31,22 @@ _ID_COUNTER = itertools.count()
 access_log = logging.getLogger("service.access")
 
 
+PROBES = ("/healthz", "/readyz", "/metrics")  # never limited: they must answer while the service is busy
+CLOSE = (b"connection", b"close")
+
+
 class BodyTooLarge(Exception):
     """The request body is larger than the server accepts."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__(f"request body exceeds the limit of {limit} bytes")
+        super().__init__(f"request body exceeds the limit of {limit} bytes for this endpoint")
+
+
+class BodyTimeout(Exception):
+    """The client did not send its whole body in time."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"the request body did not arrive within {seconds:g} s; the connection is closed")
 
 
 class RequestContextMiddleware:
@@ -96,36 +109,98 @@ class RequestContextMiddleware:
             )
 
 
-class BodyLimitMiddleware:
-    """Refuses bodies over ``max_body_bytes`` with 413: at once from Content-Length, or while streaming."""
+class AdmissionMiddleware:
+    """At most ``max_in_flight`` requests handled at once (probes aside), and ``Connection: close`` while stopping.
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    A request beyond the limit is answered 503 with Retry-After before its body is read. Once
+    ``stopping()`` is true every response closes its connection, so that no keep-alive
+    connection is left idle for the server to close under a client's next request.
+    """
+
+    def __init__(self, app: ASGIApp, max_in_flight: int, stopping: Callable[[], bool]) -> None:
         self.app = app
-        self.max_body_bytes = max_body_bytes
+        self.max_in_flight = max_in_flight
+        self.stopping = stopping
+        self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+
+        async def send_closing(message: Message) -> None:
+            if message["type"] == "http.response.start" and self.stopping():
+                message.setdefault("headers", [])
+                MutableHeaders(scope=message)["connection"] = "close"
+            await send(message)
+
+        if scope["path"].endswith(PROBES):
+            await self.app(scope, receive, send_closing)
+            return
+        if self.in_flight >= self.max_in_flight:
+            response = JSONResponse(
+                {"detail": f"{self.in_flight} requests in flight, at most {self.max_in_flight}; retry later"},
+                status_code=503, headers={"Retry-After": "1"},
+            )
+            await response(scope, receive, send_closing)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send_closing)
+        finally:
+            self.in_flight -= 1
+
+
+class BodyLimitMiddleware:
+    """Bodies over their endpoint's cap get 413, at once from Content-Length or while streaming; a body
+    that takes longer than ``body_timeout_s`` to arrive gets 408 and its connection closed.
+
+    ``cap_for(path)`` is the cap of a path in bytes, or None while none is known (the model is not
+    loaded: every route answers 503 before reading a body). Once the body is complete, later
+    ``receive`` calls (waiting for a disconnect) are not timed.
+    """
+
+    def __init__(self, app: ASGIApp, cap_for: Callable[[str], int | None], body_timeout_s: float) -> None:
+        self.app = app
+        self.cap_for = cap_for
+        self.body_timeout_s = body_timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        cap = self.cap_for(scope["path"])
         length = Headers(scope=scope).get("content-length")
         if length is not None and not length.isdigit():
             await _error(400, f"invalid Content-Length header {length!r}")(scope, receive, send)
             return
-        if length is not None and int(length) > self.max_body_bytes:
-            await _error(413, str(BodyTooLarge(self.max_body_bytes)))(scope, receive, send)
+        if cap is not None and length is not None and int(length) > cap:
+            await _error(413, str(BodyTooLarge(cap)))(scope, receive, send)
             return
         received = 0
+        complete = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.body_timeout_s
 
-        async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
+        async def guarded_receive() -> Message:
+            nonlocal received, complete
+            if complete:
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyTimeout(self.body_timeout_s) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise BodyTooLarge(self.max_body_bytes)
+                complete = not message.get("more_body", False)
+                if cap is not None and received > cap:
+                    raise BodyTooLarge(cap)
+            else:
+                complete = True
             return message
 
-        await self.app(scope, counting_receive, send)
+        await self.app(scope, guarded_receive, send)
 
 
 def _error(status: int, detail: str) -> JSONResponse:

@@ -8,9 +8,10 @@ arrays back; they never touch a tensor.
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from service import imaging
+from service.limits import RequestLimits, base64_decoded_length
 from service.schemas import (
     DecodeRequest,
     DecodeResponse,
@@ -32,8 +34,10 @@ from service.schemas import (
     ModelInfo,
     Readiness,
     SampleResponse,
+    decode_request,
     describe_errors,
 )
+from service.runner import Score, Scorable
 from service.state import ServiceState
 
 T = TypeVar("T")
@@ -111,13 +115,10 @@ async def get_state(request: Request) -> ServiceState:
 
 
 async def ready_state(state: Annotated[ServiceState, Depends(get_state)]) -> ServiceState:
-    """The service, or 503 while it is loading or shutting down."""
-    if state.shutting_down:
-        raise HTTPException(
-            503, "the server is shutting down; retry later or elsewhere", headers={"Retry-After": RETRY_AFTER_S}
-        )
-    if not state.ready:
-        raise HTTPException(503, "the model is still loading; retry shortly", headers={"Retry-After": RETRY_AFTER_S})
+    """The service, or 503 while it is loading, failing or shutting down."""
+    reason = state.unready_reason()
+    if reason is not None:
+        raise HTTPException(503, reason, headers={"Retry-After": RETRY_AFTER_S})
     return state
 
 
@@ -126,6 +127,27 @@ ReadyDep = Annotated[ServiceState, Depends(ready_state)]
 ResizeQuery = Annotated[
     bool, Query(description="resize images of another size to the model's instead of refusing them with 422")
 ]
+
+HeatmapQuery = Annotated[
+    bool, Query(description="each result also carries `heatmap`: [H][W] floats, higher = more anomalous there")
+]
+OverlayQuery = Annotated[
+    bool, Query(description="each result also carries `heatmap` and `heatmap_overlay`, a base64 PNG of the image"
+                " with its heatmap in red")
+]
+
+
+@dataclass
+class ImageOptions:
+    """Per-request options that a query parameter or the JSON body's field of the same name turns on."""
+
+    heatmap: bool = False
+    heatmap_overlay: bool = False
+
+    @property
+    def maps(self) -> bool:
+        return self.heatmap or self.heatmap_overlay
+
 
 router = APIRouter()
 
@@ -167,21 +189,58 @@ async def model_info(state: ReadyDep) -> ModelInfo:
 @router.post(
     "/log-likelihood",
     response_model=LogLikelihoodResponse,
+    response_model_exclude_none=True,
     responses=errors(400, 413, 415, 422, 503, 504),
     openapi_extra=IMAGES_BODY,
     tags=["inference"],
     summary="Exact log-likelihood and anomaly score of each image",
     description="Deterministic (pixels scored at their bin centres); an image's score does not depend on the"
-    " other images of its request or batch. Results come back in input order.",
+    " other images of its request or batch. Results come back in input order. With `heatmap=true` each result"
+    " also carries its anomaly heatmap, from the same pass (`heatmap_overlay=true`: and a PNG overlay).",
 )
-async def log_likelihood(request: Request, state: ReadyDep, resize: ResizeQuery = False) -> LogLikelihoodResponse:
-    items = await read_images(request, state, resize, then=state.runner.scorable)
+async def log_likelihood(
+    request: Request,
+    state: ReadyDep,
+    resize: ResizeQuery = False,
+    heatmap: HeatmapQuery = False,
+    heatmap_overlay: OverlayQuery = False,
+) -> LogLikelihoodResponse:
+    options = ImageOptions(heatmap, heatmap_overlay)
+    items = await read_images(
+        request, state, resize, then=lambda images: state.runner.scorable(images, options.maps), options=options
+    )
+    if options.maps and not state.runner.heatmaps:
+        raise HTTPException(
+            422, "this checkpoint has no heatmap calibration; python -m model.heatmap --weights DIR --train PATH adds one"
+        )
     scores = await until_disconnected(request, state.scores.submit(items))
+    overlays = (await asyncio.to_thread(_overlays, state, items, scores) if options.heatmap_overlay
+                else [None] * len(scores))
     return LogLikelihoodResponse(
-        results=[ImageScore(**asdict(score)) for score in scores],
+        results=[
+            ImageScore(
+                log_likelihood=score.log_likelihood,
+                bits_per_dim=score.bits_per_dim,
+                anomaly_score=score.anomaly_score,
+                percentile=score.percentile,
+                is_anomaly=score.is_anomaly,
+                heatmap=None if score.heatmap is None else score.heatmap.tolist(),
+                heatmap_overlay=overlay,
+            )
+            for score, overlay in zip(scores, overlays)
+        ],
         anomaly_method=state.runner.scorer.method,
         threshold=state.runner.scorer.threshold,
     )
+
+
+def _overlays(state: ServiceState, items: list[Scorable], scores: list[Score]) -> list[str | None]:
+    """Base64 PNGs of each image with its heatmap drawn over it."""
+    return [
+        None if score.heatmap is None
+        else imaging.to_base64(imaging.encode_png(state.runner.overlay_png_pixels(item.pixels, score.heatmap)))
+        for item, score in zip(items, scores)
+    ]
 
 
 @router.get(
@@ -258,10 +317,18 @@ async def decode(request: Request, state: ReadyDep) -> DecodeResponse:
         raise HTTPException(
             415, f"unsupported content type {media or '(none)'!r}: send application/json {{\"latents\": [[...], ...]}}"
         )
-    payload = parse_json(DecodeRequest, await request.body())
-    check_count(len(payload.latents), state.settings.max_images_per_request, "latents")
-    request.state.images = len(payload.latents)
-    latents = latents_array(payload.latents, state.runner.latent_dim)
+    limits = ready_limits(state)
+    body = await request.body()
+    refuse_value_bombs(limits, body, "latents")
+    try:
+        payload = parse_json(decode_model(limits.latent_dim), body)
+    except WrongLatentLength as exc:  # every value a number: one "[" per latent and the outer one
+        check_count(body.count(b"[") - 1, limits.max_images, "latents")
+        raise HTTPException(422, str(exc)) from None
+    values: list[list[float]] = payload.latents  # type: ignore[attr-defined]
+    check_count(len(values), limits.max_images, "latents")
+    request.state.images = len(values)
+    latents = latents_array(values, state.runner.latent_dim)
     images = await until_disconnected(request, state.decodings.submit(list(latents)))
     return DecodeResponse(images=await asyncio.to_thread(_png_base64, images))
 
@@ -271,14 +338,46 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
+def ready_limits(state: ServiceState) -> RequestLimits:
+    if state.limits is None:  # unreachable once ready: the limits are set before readiness
+        raise HTTPException(503, "the model is still loading; retry shortly", headers={"Retry-After": RETRY_AFTER_S})
+    return state.limits
+
+
+def refuse_value_bombs(limits: RequestLimits, body: bytes, what: str) -> None:
+    """413 for a JSON body holding more values than any request within the limits (before parsing it)."""
+    problem = limits.too_many_json_values(body, what)
+    if problem is not None:
+        raise HTTPException(413, problem)
+
+
+@functools.lru_cache(maxsize=8)
+def decode_model(latent_dim: int) -> type[BaseModel]:
+    return decode_request(latent_dim)
+
+
+class WrongLatentLength(ValueError):
+    """Every value of a decode body is a number, but a latent has the wrong length (422 unless too many)."""
+
+
 def parse_json(model: type[M], body: bytes) -> M:
-    """A JSON body as ``model``: 400 if it is not JSON, 422 if its values are invalid."""
+    """A JSON body as ``model``: 400 if it is not JSON (or nested too deep), 422 if its values are invalid."""
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
         problems = exc.errors()
         if any(problem["type"] == "json_invalid" for problem in problems):
             raise HTTPException(400, f"the body is not valid JSON: {problems[0]['msg']}") from None
+        lengths = [
+            p for p in problems
+            if len(p["loc"]) == 2 and p["loc"][0] == "latents" and p["type"] in ("too_long", "too_short")
+        ]
+        if lengths and len(lengths) == len(problems):
+            index, ctx = lengths[0]["loc"][1], lengths[0]["ctx"]
+            raise WrongLatentLength(
+                f"latents[{index}] has {ctx['actual_length']} values; this model's latents have"
+                f" {ctx.get('max_length', ctx.get('min_length'))}"
+            ) from None
         raise HTTPException(422, describe_errors(problems)) from None
 
 
@@ -287,36 +386,58 @@ def check_count(count: int, limit: int, what: str) -> None:
         raise HTTPException(413, f"{count} {what} in one request; at most {limit} are accepted")
 
 
+def check_image_bytes(size: int, limit: int, index: int) -> None:
+    if size > limit:
+        raise HTTPException(
+            413, f"images[{index}]: {size} bytes; at most {limit} bytes per image are accepted (--max-image-bytes)"
+        )
+
+
 def as_decoded(images: list[np.ndarray]) -> list[np.ndarray]:
     return images
 
 
 async def read_images(
-    request: Request, state: ServiceState, resize: bool, then: Callable[[list[np.ndarray]], T]
+    request: Request, state: ServiceState, resize: bool, then: Callable[[list[np.ndarray]], T],
+    options: ImageOptions | None = None,
 ) -> T:
     """``then`` of the request's images (uint8 arrays of the model's shape, in order), or the contract's 4xx.
 
     ``then`` runs in the worker thread that decodes them (``as_decoded``, ``ModelRunner.scorable``).
+    ``options``: turned on by the JSON body's fields of the same names, before ``then`` runs; a JSON body
+    that sets one for an endpoint without ``options`` is 422.
     """
-    limit = state.settings.max_images_per_request
+    limits = ready_limits(state)
+    limit = limits.max_images
     media = media_type(request)
     if media == MULTIPART:
         blobs = await multipart_images(request, limit)
     elif media == JSON:
-        payload = parse_json(ImagesRequest, await request.body())
+        body = await request.body()
+        refuse_value_bombs(limits, body, "images")
+        payload = parse_json(ImagesRequest, body)
         check_count(len(payload.images), limit, "images")
+        for index, text in enumerate(payload.images):
+            check_image_bytes(base64_decoded_length(text), limits.image_bytes, index)
         blobs = [imaging.from_base64(text, index) for index, text in enumerate(payload.images)]
         resize = resize or payload.resize
+        if options is not None:
+            options.heatmap = options.heatmap or payload.heatmap
+            options.heatmap_overlay = options.heatmap_overlay or payload.heatmap_overlay
+        elif payload.heatmap or payload.heatmap_overlay:
+            raise HTTPException(422, "heatmap and heatmap_overlay are options of /log-likelihood only")
     else:
         raise HTTPException(
             415,
             f"unsupported content type {media or '(none)'!r}: send multipart/form-data with 'images' file parts,"
             " or application/json {\"images\": [\"<base64 PNG/JPEG>\", ...]}",
         )
+    for index, blob in enumerate(blobs):
+        check_image_bytes(len(blob), limits.image_bytes, index)
     request.state.images = len(blobs)
-    shape = state.runner.image_shape
+    shape, pixels = state.runner.image_shape, state.settings.max_source_pixels
 
-    return await asyncio.to_thread(lambda: then(imaging.decode_images(blobs, shape, resize)))
+    return await asyncio.to_thread(lambda: then(imaging.decode_images(blobs, shape, resize, pixels)))
 
 
 async def multipart_images(request: Request, limit: int) -> list[bytes]:

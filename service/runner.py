@@ -36,6 +36,7 @@ from model.anomaly import LOG_LIKELIHOOD_FLOOR, AnomalyScorer, compressed_bits_p
 from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from model.device import resolve_device
 from model.glow import Glow
+from model.heatmap import SIDECAR_KEY, HeatmapCalibration, LatentTap, overlay
 from model.inference import TracedGlow
 
 T = TypeVar("T")
@@ -53,6 +54,7 @@ class Scorable:
 
     pixels: np.ndarray  # (C, H, W) uint8
     complexity: float
+    heatmap: bool = False  # also its anomaly heatmap (model.heatmap)
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class Score:
     anomaly_score: float  # higher = more anomalous
     percentile: float  # 0..100, share of the reference set scoring lower
     is_anomaly: bool
+    heatmap: np.ndarray | None = None  # (H, W) float64, higher = more anomalous there; when asked for
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,8 @@ class ModelRunner:
         self._checkpoint: Checkpoint | None = None
         self._scorer: AnomalyScorer | None = None
         self._inference: Glow | None = None
+        self._heatmap: HeatmapCalibration | None = None
+        self._tap: LatentTap | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glow-model")
 
     # ------------------------------------------------------------- loading
@@ -122,12 +127,20 @@ class ModelRunner:
                 inference = traced
             except Exception as exc:  # any failure to build or match: the eager fold is exact and serves
                 log.warning("TorchScript form unusable (%s: %s); serving the eager form", type(exc).__name__, exc)
+        tap = LatentTap(inference)  # keeps each scoring pass's latents (a reference) for the heatmaps
         try:
-            scorer = AnomalyScorer(model, checkpoint.calibration, fpr=self.anomaly_fpr, inference=inference,
-                                   orientation=self.anomaly_orientation)
+            scorer = AnomalyScorer(model, checkpoint.calibration, fpr=self.anomaly_fpr,
+                                   inference=tap, orientation=self.anomaly_orientation)  # type: ignore[arg-type]
         except ValueError as exc:
             raise CheckpointError(f"{checkpoint.weights_path}: unusable anomaly calibration: {exc}") from None
+        heatmap = None
+        if SIDECAR_KEY in checkpoint.meta:
+            try:
+                heatmap = HeatmapCalibration.from_json(checkpoint.meta[SIDECAR_KEY], model.latent_shapes)
+            except ValueError as exc:
+                raise CheckpointError(f"{checkpoint.weights_path}: unusable heatmap calibration: {exc}") from None
         self._checkpoint, self._scorer, self._inference = checkpoint, scorer, inference
+        self._heatmap, self._tap = heatmap, tap
 
     @property
     def loaded(self) -> bool:
@@ -160,6 +173,17 @@ class ModelRunner:
         if self._scorer is None:
             raise RuntimeError("the checkpoint is not loaded")
         return self._scorer
+
+    @property
+    def heatmaps(self) -> bool:
+        """Whether the checkpoint has a heatmap calibration (``python -m model.heatmap`` adds one)."""
+        return self._heatmap is not None
+
+    def overlay_png_pixels(self, pixels: np.ndarray, heat: np.ndarray) -> np.ndarray:
+        """An image (C, H, W) and its heatmap -> RGB (3, H, W) uint8, the heat drawn in red (any thread)."""
+        if self._heatmap is None:
+            raise RuntimeError("the checkpoint has no heatmap calibration")
+        return overlay(pixels, heat, self._heatmap.overlay_max)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -208,27 +232,41 @@ class ModelRunner:
         return torch.from_numpy(np.stack(images)).to(self.model.device)  # (B, C, H, W) uint8
 
     @staticmethod
-    def scorable(images: list[np.ndarray]) -> list[Scorable]:
-        """uint8 images (C, H, W) -> what :meth:`score_batch` takes (any thread)."""
+    def scorable(images: list[np.ndarray], heatmap: bool = False) -> list[Scorable]:
+        """uint8 images (C, H, W) -> what :meth:`score_batch` takes (any thread); ``heatmap``: with their maps."""
         if not images:
             return []
         complexity = compressed_bits_per_dim(torch.from_numpy(np.stack(images))).tolist()
-        return [Scorable(image, c) for image, c in zip(images, complexity)]
+        return [Scorable(image, c, heatmap) for image, c in zip(images, complexity)]
 
     def score_batch(self, items: list[Scorable]) -> list[Score]:
         """Images with their complexity -> their log-likelihoods and anomaly scores."""
         complexity = torch.tensor([item.complexity for item in items], dtype=torch.float64)
         scores = self.scorer.score(self._pixels([item.pixels for item in items]), complexity)
+        maps = self._heatmaps(items)
         return [
-            Score(float(ll), float(bpd), float(score), float(pct), bool(flag))
-            for ll, bpd, score, pct, flag in zip(
+            Score(float(ll), float(bpd), float(score), float(pct), bool(flag), heat)
+            for ll, bpd, score, pct, flag, heat in zip(
                 scores.log_likelihood.tolist(),
                 scores.bits_per_dim.tolist(),
                 scores.anomaly_score.tolist(),
                 scores.percentile.tolist(),
                 scores.is_anomaly.tolist(),
+                maps,
             )
         ]
+
+    def _heatmaps(self, items: list[Scorable]) -> list[np.ndarray | None]:
+        """The maps of the items that asked for one, from the latents of the pass that just scored them."""
+        rows = [index for index, item in enumerate(items) if item.heatmap]
+        out: list[np.ndarray | None] = [None] * len(items)
+        if not rows or self._heatmap is None or self._tap is None:
+            return out
+        latents = [eps[rows] for eps in self._tap.latents]  # rows of the images (with orientation, flips follow)
+        _, height, width = self.image_shape
+        for row, heat in zip(rows, self._heatmap.maps(latents, (height, width)).numpy()):
+            out[row] = heat
+        return out
 
     def encode_batch(self, images: list[np.ndarray]) -> list[Encoded]:
         """uint8 images (C, H, W) -> flat latents (the layout of ``Glow.encode``) and log-likelihoods."""

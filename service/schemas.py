@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict
+from pydantic import BaseModel, ConfigDict, Field, Strict, create_model
 
 LATENT_ORDER = (
     "the standardised latents of every level, level 1's split first and the top level's last,"
@@ -38,7 +38,14 @@ class Batching(BaseModel):
 class Limits(BaseModel):
     max_images_per_request: int
     max_sample_n: int
-    max_body_bytes: int
+    max_body_bytes: int = Field(description="the largest body cap of any endpoint (413 beyond)")
+    body_bytes: dict[str, int] = Field(
+        description="body cap per endpoint: images (/log-likelihood, /encode), decode (/decode), other"
+    )
+    max_image_bytes: int = Field(description="largest image file in a request (413 beyond)")
+    max_source_pixels: int = Field(description="pixels a resize=true request may decode, in all (413 beyond)")
+    max_in_flight: int = Field(description="requests handled at once, probes aside (503 beyond)")
+    body_timeout_s: float = Field(description="longest time to receive a body (408 beyond)")
     request_timeout_s: float = Field(description="longest wait in the queue before a 504")
 
 
@@ -81,6 +88,10 @@ class ImagesRequest(BaseModel):
 
     images: list[str] = Field(min_length=1, description="base64-encoded PNG or JPEG files")
     resize: bool = Field(False, description="resize images of another size to the model's instead of refusing them")
+    heatmap: bool = Field(False, description="each result also carries `heatmap` (/log-likelihood only)")
+    heatmap_overlay: bool = Field(
+        False, description="each result also carries `heatmap` and `heatmap_overlay` (/log-likelihood only)"
+    )
 
 
 class ImageScore(BaseModel):
@@ -92,6 +103,12 @@ class ImageScore(BaseModel):
     anomaly_score: FiniteFloat = Field(description="higher = more anomalous; at most 1e6 (images that overflow)")
     percentile: FiniteFloat = Field(ge=0, le=100, description="share of the reference set with a lower anomaly_score")
     is_anomaly: bool = Field(description="anomaly_score above the calibrated threshold")
+    heatmap: list[list[float]] | None = Field(
+        None, description="with heatmap=true: [H][W] finite floats on the image grid, higher = more anomalous there"
+    )
+    heatmap_overlay: str | None = Field(
+        None, description="with heatmap_overlay=true: base64 PNG of the image in grey with the heatmap in red"
+    )
 
 
 class LogLikelihoodResponse(BaseModel):
@@ -117,6 +134,20 @@ class DecodeRequest(BaseModel):
 
     latents: list[list[Annotated[float, Strict()]]] = Field(
         min_length=1, description="latents of latent_dim finite numbers each, laid out as /encode returns them"
+    )
+
+
+def decode_request(latent_dim: int) -> type[BaseModel]:
+    """DecodeRequest for this model: latents of exactly latent_dim numbers.
+
+    The count of latents is checked after validation (413), not as a ``max_length`` here:
+    pydantic skips the items of a list past its ``max_length``, and a body both too long and
+    malformed must get the 422 of its malformed values. Its parsing cost is bounded before
+    (``service.limits``: the commas of the body).
+    """
+    latent = Annotated[list[Annotated[float, Strict()]], Field(min_length=latent_dim, max_length=latent_dim)]
+    return create_model(
+        "DecodeRequest", __config__=ConfigDict(extra="forbid"), latents=(list[latent], Field(min_length=1))
     )
 
 

@@ -16,6 +16,9 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.device import check_device_name
+from service.imaging import MAX_RESIZE_PIXELS
+
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "fashion-mnist"
 ENV_PREFIX = "GLOW_"
 
@@ -35,7 +38,10 @@ class Settings(BaseSettings):
         DEFAULT_WEIGHTS,
         description="checkpoint folder (glow.safetensors + glow.json) or its .safetensors file",
     )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs; auto: CUDA when present")
+    device: str = Field(
+        "auto", description="where the model runs: auto (CUDA when present), cpu, cuda or cuda:N; on CUDA with "
+        "TF32 off (full float32, as calibrated)"
+    )
     threads: int = Field(
         0, ge=0, le=1024,
         description="torch intra-op threads of the model on the CPU (0: the CPU cores this process may use, less "
@@ -62,15 +68,51 @@ class Settings(BaseSettings):
         False, description="add the orientation detector to the anomaly score (the image against itself upside down: "
         "Fashion-MNIST flipped 0.78 -> 0.96 AUROC) at 1.75x the scoring cost per image; see README, Anomaly scores",
     )
-    max_body_bytes: int = Field(16 * 2**20, ge=1024, description="largest request body accepted (413 beyond)")
+    max_body_bytes: int = Field(
+        0, ge=0, description="one body cap for every endpoint, in bytes (413 beyond); 0: caps sized from the model "
+        "per endpoint (README, Reliability)"
+    )
+    max_image_bytes: int = Field(
+        0, ge=0, description="largest image file in a request, in bytes (413 beyond); 0: 64 KiB or 4 bytes per "
+        "pixel of the model's images, whichever is more"
+    )
+    max_source_pixels: int = Field(
+        MAX_RESIZE_PIXELS, ge=1, description="pixels of the images one resize=true request may ask to decode, in "
+        "all, checked from their headers (413 beyond)"
+    )
     max_images_per_request: int = Field(64, ge=1, description="most images (or latents) in one request (413 beyond)")
     max_sample_n: int = Field(64, ge=1, description="largest n of GET /sample")
+    max_in_flight: int = Field(
+        256, ge=1, description="requests handled at once, probes aside (503 with Retry-After beyond, before the "
+        "body is read)"
+    )
+    body_timeout_s: float = Field(
+        20.0, gt=0, allow_inf_nan=False, description="longest time to receive a request body (408 and the "
+        "connection closed beyond)"
+    )
+    keep_alive_s: float = Field(
+        5.0, gt=0, allow_inf_nan=False, description="idle time after which a keep-alive connection is closed"
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, allow_inf_nan=False, description="longest time from a connection's opening (or its last "
+        "response) to a complete request head (408 and the connection closed beyond)"
+    )
+    shutdown_grace_s: float = Field(
+        3.0, ge=0, allow_inf_nan=False, description="after SIGTERM: seconds readiness is 503 while new requests "
+        "are still accepted and answered 503 with Connection: close (for load balancers to notice), before the "
+        "listener closes and queued work drains"
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="logging level")
 
     @field_validator("log_level", "device", mode="before")
     @classmethod
     def _lower_case(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        return check_device_name(value)
 
     @model_validator(mode="after")
     def _requests_fit_the_queue(self) -> Settings:

@@ -23,6 +23,7 @@ from PIL import Image
 from model.anomaly import calibrate
 from model.checkpoint import save_checkpoint
 from model.glow import Glow, GlowConfig
+from model.heatmap import calibrate as calibrate_heatmap
 
 SHAPE = (1, 28, 28)
 REPO = Path(__file__).resolve().parents[2]
@@ -36,7 +37,8 @@ def make_checkpoint(directory: Path, seed: int = 0) -> Path:
         x = torch.randint(0, 256, (16, *SHAPE), dtype=torch.uint8)
         model.initialize(x)
     model.eval()
-    meta = {"name": "tiny", "dataset": {"name": "synthetic"}, "metrics": {}}
+    meta = {"name": "tiny", "dataset": {"name": "synthetic"}, "metrics": {},
+            "heatmap": calibrate_heatmap(model, x, SHAPE[1:]).to_json()}
     save_checkpoint(model, directory, meta, calibrate(model, x))
     return directory
 
@@ -83,14 +85,16 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``python -m service ARGS`` on 127.0.0.1 in a subprocess, its stderr collected line by line."""
+    """``python -m service ARGS`` on 127.0.0.1 in a subprocess (no shutdown grace unless ARGS set one), its
+    stderr collected line by line."""
 
     def __init__(self, args: Sequence[str]) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("GLOW_")} | {"PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port), *args],
+            [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port),
+             "--shutdown-grace-s", "0", *args],  # no grace unless a test asks for one
             cwd=REPO,
             env=env,
             stdin=subprocess.DEVNULL,

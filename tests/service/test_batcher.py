@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
 
-from service.batcher import Batcher, Closed, DeadlineExceeded, Overloaded
+from service.batcher import Batcher, Closed, DeadlineExceeded, Overloaded, Unavailable
 
 HUGE = 1e6  # seconds: a wait or timeout that never expires unless a test says so
 TEST_TIMEOUT_S = 10  # real seconds before a wait for the batcher counts as a failure
@@ -25,43 +25,49 @@ def bounded(test: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]
     return run
 
 
+class FakeTimer:
+    """A callback due at ``wake_at`` on a :class:`FakeClock`."""
+
+    def __init__(self, clock: FakeClock, wake_at: float, callback: Callable[[], None]) -> None:
+        self.clock, self.wake_at, self.callback = clock, wake_at, callback
+
+    def cancel(self) -> None:
+        if self in self.clock.timers:
+            self.clock.timers.remove(self)
+
+
 class FakeClock:
-    """Time that moves only when ``advance`` is called; sleepers wake when it passes their deadline."""
+    """Time that moves only when ``advance`` is called; timers fire when it passes their deadline."""
 
     def __init__(self) -> None:
         self.time = 0.0
-        self._sleepers: list[tuple[float, asyncio.Future[None], asyncio.Task[object] | None]] = []
+        self.timers: list[FakeTimer] = []
         self._changed = asyncio.Event()
 
     def now(self) -> float:
         return self.time
 
-    async def sleep(self, seconds: float) -> None:
-        entry = (self.time + seconds, asyncio.get_running_loop().create_future(), asyncio.current_task())
-        self._sleepers.append(entry)
+    def call_later(self, seconds: float, callback: Callable[[], None]) -> FakeTimer:
+        timer = FakeTimer(self, self.time + seconds, callback)
+        self.timers.append(timer)
         self._changed.set()
-        try:
-            await entry[1]
-        finally:
-            self._sleepers.remove(entry)
+        return timer
 
     def advance(self, seconds: float) -> None:
         self.time += seconds
-        for wake_at, future, _ in self._sleepers:
-            if wake_at <= self.time and not future.done():
-                future.set_result(None)
-
-    def _live(self) -> list[float]:
-        """Deadlines of the sleepers nobody has cancelled yet."""
-        return sorted(wake_at for wake_at, _, task in self._sleepers if task is None or not task.cancelling())
+        for timer in sorted(self.timers, key=lambda timer: timer.wake_at):
+            if timer.wake_at <= self.time and timer in self.timers:
+                self.timers.remove(timer)
+                timer.callback()
 
     def deadlines(self) -> list[float]:
-        return self._live()
+        """When the pending timers fire, in order."""
+        return sorted(timer.wake_at for timer in self.timers)
 
     async def until_sleeping(self, count: int) -> None:
-        """Return once ``count`` sleepers wait (each submit has a timeout timer; a filling batch, one more)."""
+        """Return once ``count`` timers are pending (each submit has a deadline; a filling batch, one more)."""
         async with asyncio.timeout(TEST_TIMEOUT_S):
-            while len(self._live()) < count:
+            while len(self.timers) < count:
                 self._changed.clear()
                 await self._changed.wait()
 
@@ -350,3 +356,64 @@ def test_invalid_options_are_refused(options: dict[str, float]) -> None:
     values = {"max_batch_size": 1, "max_wait_s": 0.0, "max_queue_size": 1, "timeout_s": 1.0, **options}
     with pytest.raises(ValueError):
         Batcher(FakeModel(), **values)  # type: ignore[arg-type]
+
+
+class FailingListener(RecordingListener):
+    """A listener that raises on its first ``batch_done``: a failure of the loop while a batch is answered."""
+
+    def batch_done(self, size: int, seconds: float) -> None:
+        super().batch_done(size, seconds)
+        if len(self.sizes) == 1:
+            raise RuntimeError("injected loop failure")
+
+
+@bounded
+async def test_a_failed_loop_answers_every_request_it_held_then_restarts() -> None:
+    model, listener = FakeModel(), FailingListener()
+    batcher: Batcher[int, int] = Batcher(
+        model, max_batch_size=2, max_wait_s=0, max_queue_size=10, timeout_s=HUGE, listener=listener,
+        restart_delay_s=0.05,
+    )
+    batcher.start()
+    running = submit(batcher, 1, 2)
+    await model.until_called(1)
+    queued = submit(batcher, 3)
+    await asyncio.sleep(0)
+    assert batcher.depth == 1 and batcher.healthy
+    model.release.set()
+    for task in (running, queued):  # the batch in flight and the queue: all answered
+        with pytest.raises(Unavailable) as failed:
+            await task
+        assert failed.value.retry_after_s >= 1
+    assert not batcher.healthy and batcher.depth == 0
+    with pytest.raises(Unavailable, match="restarting"):
+        await batcher.submit([4])
+    async with asyncio.timeout(TEST_TIMEOUT_S):
+        while not batcher.healthy:
+            await asyncio.sleep(0.01)
+    assert await batcher.submit([5, 6]) == [50, 60]
+    assert model.batches == [[1, 2], [5, 6]]
+    await batcher.stop()
+
+
+@bounded
+async def test_a_cancelled_request_leaves_the_queue_at_once_even_mid_fill() -> None:
+    clock, model = FakeClock(), FakeModel(released=True)
+    batcher = make(model, clock, max_batch_size=4, max_wait_s=1.0)
+    first = submit(batcher, 1)
+    await clock.until_sleeping(2)  # its deadline and the filling batch (due at 1.0)
+    clock.advance(0.5)
+    second = submit(batcher, 2, 3)
+    await clock.until_sleeping(3)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert batcher.depth == 2
+    await asyncio.sleep(0)
+    assert 1.5 in clock.deadlines()  # the batch now waits on its new oldest item
+    clock.advance(0.5)
+    assert not second.done()
+    clock.advance(0.5)
+    assert await second == [20, 30]
+    assert model.batches == [[2, 3]]
+    await batcher.stop()

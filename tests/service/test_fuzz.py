@@ -180,8 +180,8 @@ def off_schema_error(status: int, message: str, retry_after: str | None = None) 
 @pytest.mark.parametrize(
     ("path", "target", "replacement", "failure"),
     [
-        ("/decode", (service.routes, "latents_array"), crash, ServerError),
-        ("/decode", (service.routes, "latents_array"), undocumented_status, UndefinedStatusCode),
+        ("/decode", (service.routes, "refuse_value_bombs"), crash, ServerError),
+        ("/decode", (service.routes, "refuse_value_bombs"), undocumented_status, UndefinedStatusCode),
         ("/log-likelihood", (service.app, "detail"), off_schema_error, JsonSchemaError),  # image errors use it
     ],
     ids=["5xx", "undocumented-status", "body-off-schema"],

@@ -83,7 +83,7 @@ async def test_an_invalid_content_length_is_400() -> None:
         raise AssertionError("the app must not run")
 
     send = Collect()
-    await BodyLimitMiddleware(never, max_body_bytes=10)(http_scope([(b"content-length", b"12abc")]), no_body, send)
+    await BodyLimitMiddleware(never, cap_for=lambda path: 10, body_timeout_s=1.0)(http_scope([(b"content-length", b"12abc")]), no_body, send)
     assert send.status == 400 and "Content-Length" in send.body["detail"]
 
 
