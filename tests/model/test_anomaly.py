@@ -95,10 +95,11 @@ def test_calibration_cross_fits(model: Glow) -> None:
     changed = images.clone()
     changed[200:] = squares(200, seed=21)  # another second half: same parameters, other z-scores and reference
     other = calibrate(model, changed)
-    assert torch.equal(calibration["anomaly.energy.mean"], other["anomaly.energy.mean"])
-    assert torch.equal(calibration["anomaly.global.coef"], other["anomaly.global.coef"])
-    assert not torch.equal(calibration["anomaly.energy.z"], other["anomaly.energy.z"])
-    assert not torch.equal(calibration[REFERENCE_KEY], other[REFERENCE_KEY])
+    # the same first half, up to the forward pass's batch-composition rounding (README: ~1e-5 relative)
+    assert torch.allclose(calibration["anomaly.energy.mean"], other["anomaly.energy.mean"], rtol=1e-4, atol=1e-6)
+    assert torch.allclose(calibration["anomaly.global.coef"], other["anomaly.global.coef"], rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(calibration["anomaly.energy.z"], other["anomaly.energy.z"], rtol=1e-2)
+    assert not torch.allclose(calibration[REFERENCE_KEY], other[REFERENCE_KEY], rtol=1e-2)
     half = features(model, images[200:])
     energy = DETECTORS[1].feature(half, {"mean": calibration["anomaly.energy.mean"],
                                          "precision": calibration["anomaly.energy.precision"]})
