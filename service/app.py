@@ -1,6 +1,6 @@
-"""``create_app(settings)``: the FastAPI app of one checkpoint, with its lifespan, errors and middleware.
+"""``create_app(settings)``: the FastAPI app of one or more checkpoints, with its lifespan, errors and middleware.
 
-The lifespan loads the checkpoint (unless the runner given was loaded beforehand, as
+The lifespan loads every checkpoint (unless the runners given were loaded beforehand, as
 ``python -m service`` does so that a bad checkpoint stops it before it listens),
 warms the model up and starts the batchers; only then does ``/readyz`` answer 200.
 On shutdown readiness turns 503, new work is refused with 503, and everything queued
@@ -11,7 +11,7 @@ Every error is JSON ``{"detail": ...}`` with the contract's status code.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
@@ -23,7 +23,7 @@ from service.batcher import Closed, DeadlineExceeded, Overloaded
 from service.imaging import ImageError
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, BodyTooLarge, RequestContextMiddleware
-from service.routes import RETRY_AFTER_S, ClientDisconnected, router
+from service.routes import RETRY_AFTER_S, ClientDisconnected, named_router, router
 from service.runner import ModelRunner
 from service.schemas import describe_errors
 from service.settings import Settings
@@ -36,12 +36,21 @@ base64 strings; errors are `{"detail": "..."}`; every response carries `X-Reques
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away; never reaches the client
 
 
-def create_app(settings: Settings, runner: ModelRunner | None = None) -> FastAPI:
-    """The app serving ``settings.weights`` (or the given runner's checkpoint)."""
-    runner = runner or ModelRunner(settings.weights, settings.device, settings.anomaly_fpr, settings.torchscript,
-                                   settings.anomaly_orientation)
+def runners_for(settings: Settings) -> dict[str, ModelRunner]:
+    """A runner (not yet loaded) per model of ``settings.weights``, by name, the default first."""
+    return {
+        spec.name: ModelRunner(spec.path, settings.device, settings.anomaly_fpr, settings.torchscript,
+                               settings.anomaly_orientation)
+        for spec in settings.models
+    }
+
+
+def create_app(settings: Settings, runners: Mapping[str, ModelRunner] | ModelRunner | None = None) -> FastAPI:
+    """The app serving ``settings.weights``, or the given runners by name (a lone runner: under the first name)."""
+    if isinstance(runners, ModelRunner):
+        runners = {settings.models[0].name: runners}
     metrics = Metrics(settings.max_batch_size)
-    state = ServiceState(settings, runner, metrics)
+    state = ServiceState(settings, runners or runners_for(settings), metrics)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -54,6 +63,7 @@ def create_app(settings: Settings, runner: ModelRunner | None = None) -> FastAPI
     app = FastAPI(title="Glow service", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.service = state
     app.include_router(router)
+    app.include_router(named_router)
     add_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost: sees every response

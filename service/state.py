@@ -1,16 +1,17 @@
-"""What one running app holds: the runner, one batcher per operation, readiness and admission.
+"""What one running app holds: per model its runner and batchers (:class:`ModelState`); readiness and admission.
 
-Lifecycle: :meth:`ServiceState.start` loads the checkpoint (unless it was loaded before),
-warms the model up and starts the batchers, then the service is ready.
-:meth:`ServiceState.begin_shutdown` turns readiness off and closes admission, while
-queued and running work is still answered; :meth:`ServiceState.stop` waits for that
-work and stops the model's thread.
+Each model has its own runner (its own worker thread), its own queue per operation and
+its own anomaly calibration. Lifecycle: :meth:`ServiceState.start` loads every checkpoint
+(unless loaded before), warms each model up and starts its batchers; the service is
+ready once all are. :meth:`ServiceState.begin_shutdown` turns readiness off and closes
+admission, while queued and running work is still answered; :meth:`ServiceState.stop`
+waits for that work and stops the models' threads.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import numpy as np
@@ -18,17 +19,18 @@ import numpy as np
 from service.batcher import Batcher
 from service.metrics import Metrics
 from service.runner import Encoded, ModelRunner, Scorable, Score
-from service.schemas import AnomalyInfo, Batching, Limits, ModelInfo
+from service.schemas import AnomalyInfo, Batching, Limits, ModelInfo, ModelSummary
 from service.settings import Settings
 
 LOG_LIKELIHOOD, ENCODE, DECODE, SAMPLE = "log_likelihood", "encode", "decode", "sample"
 R = TypeVar("R")
 
 
-class ServiceState:
-    """The runner, its batchers and the readiness of one app (see the module docstring)."""
+class ModelState:
+    """One served model: its name, runner and one batcher per operation."""
 
-    def __init__(self, settings: Settings, runner: ModelRunner, metrics: Metrics) -> None:
+    def __init__(self, name: str, settings: Settings, runner: ModelRunner, metrics: Metrics) -> None:
+        self.name = name
         self.settings = settings
         self.runner = runner
         self.metrics = metrics
@@ -40,8 +42,8 @@ class ServiceState:
                 max_wait_s=settings.max_wait_ms / 1000,
                 max_queue_size=settings.max_queue_size,
                 timeout_s=settings.request_timeout_s,
-                listener=metrics.listener(operation),
-                name=operation.replace("_", "-"),
+                listener=metrics.listener(name, operation),
+                name=f"{name} {operation.replace('_', '-')}",
             )
 
         self.scores: Batcher[Scorable, Score] = batcher(LOG_LIKELIHOOD, runner.score_batch)
@@ -54,26 +56,13 @@ class ServiceState:
             DECODE: self.decodings,
             SAMPLE: self.samples,
         }
-        self._started = False
-        self._shutting_down = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    @property
-    def ready(self) -> bool:
-        """Loaded, warmed up and not shutting down."""
-        return self._started and not self._shutting_down
-
-    @property
-    def shutting_down(self) -> bool:
-        return self._shutting_down
 
     async def start(self) -> None:
-        """Load (if needed) and warm up the model, start the batchers; then the service is ready."""
-        self._loop = asyncio.get_running_loop()
+        """Load (if needed) and warm up the model, then start its batchers."""
         await asyncio.to_thread(self.runner.load)
         await self.runner.call(self.runner.warm_up, self.settings.max_batch_size)
         info = self.model_info()
-        self.metrics.model.info(
+        self.metrics.model.labels(model=self.name).info(
             {
                 "name": info.name,
                 "dataset": info.dataset,
@@ -87,26 +76,23 @@ class ServiceState:
         )
         for operation, batcher in self.batchers.items():
             batcher.start()
-            self.metrics.track_queue_depth(operation, lambda batcher=batcher: batcher.depth)
-        self._started = True
+            self.metrics.track_queue_depth(self.name, operation, lambda batcher=batcher: batcher.depth)
 
-    def begin_shutdown(self) -> None:
-        """Readiness off, admission closed; queued and running work still runs, without waiting to fill batches."""
-        self._shutting_down = True
+    def close(self) -> None:
+        """Close admission; queued and running work still runs."""
         for batcher in self.batchers.values():
             batcher.close()
 
-    def request_shutdown(self) -> None:
-        """:meth:`begin_shutdown` from a signal handler or another thread."""
-        self._shutting_down = True
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self.begin_shutdown)
-
     async def stop(self) -> None:
-        """Begin shutting down, answer everything queued or running, stop the model's thread."""
-        self.begin_shutdown()
+        """Answer everything queued or running, stop the model's thread."""
+        self.close()
         await asyncio.gather(*(batcher.stop() for batcher in self.batchers.values()))
         await asyncio.to_thread(self.runner.close)
+
+    def summary(self, default: bool) -> ModelSummary:
+        """What GET /models lists for this model."""
+        info = self.model_info()
+        return ModelSummary(name=self.name, dataset=info.dataset, image_shape=info.image_shape, default=default)
 
     def model_info(self) -> ModelInfo:
         """What GET /model returns."""
@@ -149,3 +135,55 @@ class ServiceState:
                 request_timeout_s=settings.request_timeout_s,
             ),
         )
+
+
+class ServiceState:
+    """The models of one app, the default first, and the app's readiness (see the module docstring)."""
+
+    def __init__(self, settings: Settings, runners: Mapping[str, ModelRunner], metrics: Metrics) -> None:
+        if not runners:
+            raise ValueError("a service needs at least one model")
+        self.settings = settings
+        self.metrics = metrics
+        self.models = {name: ModelState(name, settings, runner, metrics) for name, runner in runners.items()}
+        self.default = next(iter(self.models.values()))
+        self._started = False
+        self._shutting_down = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Every model loaded and warmed up, and not shutting down."""
+        return self._started and not self._shutting_down
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutting_down
+
+    async def start(self) -> None:
+        """Load (if needed) and warm up every model, start the batchers; then the service is ready."""
+        self._loop = asyncio.get_running_loop()
+        for model in self.models.values():
+            await model.start()
+        self._started = True
+
+    def begin_shutdown(self) -> None:
+        """Readiness off, admission closed; queued and running work still runs, without waiting to fill batches."""
+        self._shutting_down = True
+        for model in self.models.values():
+            model.close()
+
+    def request_shutdown(self) -> None:
+        """:meth:`begin_shutdown` from a signal handler or another thread."""
+        self._shutting_down = True
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.begin_shutdown)
+
+    async def stop(self) -> None:
+        """Begin shutting down, answer everything queued or running, stop the models' threads."""
+        self.begin_shutdown()
+        await asyncio.gather(*(model.stop() for model in self.models.values()))
+
+    def summaries(self) -> list[ModelSummary]:
+        """What GET /models lists, the default first."""
+        return [model.summary(model is self.default) for model in self.models.values()]
