@@ -17,31 +17,46 @@ import torch
 
 from model.anomaly import METHOD, ORIENTED_METHOD, calibrate
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from model.data import DataError, load_images, split_validation
+from model.data import DataError, load_images, reopen, split_validation
 from model.glow import Glow
 
 
 def anomaly_meta(val_count: int) -> dict[str, Any]:
     return {"method": METHOD, "method_with_orientation": ORIENTED_METHOD,
-            "reference": f"validation split (last {val_count} training images): "
+            "reference": f"validation split ({val_count} held-out training images): "
             "first half fits the detectors, second half is the reference", "reference_size": val_count - val_count // 2}
 
 
 def calibration_for(model: Glow, train_path: Path, val_count: int) -> dict[str, torch.Tensor]:
+    """Calibration on the last ``val_count`` images (the split of checkpoints recorded without a data record)."""
     _, val = split_validation(load_images(train_path), val_count)
     return calibrate(model, torch.as_tensor(val))
+
+
+def recorded_calibration(model: Glow, record: dict[str, Any], train_path: Path | None) -> dict[str, torch.Tensor]:
+    """Calibration on exactly the recorded validation images, after checking the data against its manifest."""
+    dataset, _, val = reopen(record, train_path)
+    return calibrate(model, torch.as_tensor(dataset.images[val]))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m model.calibrate", description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", type=Path, required=True, help="checkpoint folder")
-    p.add_argument("--train", type=Path, required=True, help="the training images the checkpoint was trained on")
+    p.add_argument("--train", type=Path, default=None,
+                   help="the training images the checkpoint was trained on (default: where they were at training;"
+                   " checked against the recorded manifest)")
     p.add_argument("--val-count", type=int, default=None, help="default: the checkpoint's recorded split")
     args = p.parse_args(argv)
     try:
         checkpoint = load_checkpoint(args.weights)
+        record = checkpoint.meta["dataset"].get("data")
         val_count = args.val_count or int(checkpoint.meta["dataset"]["val_count"])
-        calibration = calibration_for(checkpoint.model, args.train, val_count)
+        if record and args.val_count is None:
+            calibration = recorded_calibration(checkpoint.model, record, args.train)
+        elif args.train is None:
+            raise DataError(f"{args.weights} records no data: give --train")
+        else:
+            calibration = calibration_for(checkpoint.model, args.train, val_count)
     except (CheckpointError, DataError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

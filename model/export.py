@@ -21,7 +21,7 @@ from model.anomaly import calibrate
 from model.calibrate import anomaly_meta
 from model.card import write_card
 from model.checkpoint import parameter_count, read_sidecar, read_tensors, save_checkpoint
-from model.data import fingerprint, load_images, split_validation
+from model.data import DataError, compact_record, fingerprint, load_dataset, load_images, reopen, split_validation
 from model.evaluate import bits_per_dim
 from model.glow import Glow, GlowConfig
 from model.train import LOG_FILE, STATE_FILE, read_state_info
@@ -46,10 +46,24 @@ def hardware(info: dict[str, Any]) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {info.get('threads', '?')} threads x {info.get('world_size', 1)} process(es)"
 
 
+def reopen_like(record: dict[str, Any], test: Path) -> Any:
+    """Test images read as the training data was (channels, size, fit)."""
+    return load_dataset(test, record["channels"], record["image_size"], record["fit"]).images
+
+
+def validation_text(record: dict[str, Any] | None, count: int) -> str:
+    if not record:
+        return f"the last {count} training images, held out from training"
+    split = record["split"]
+    how = "stratified by label" if split["stratified"] else "uniformly"
+    return f"{count} training images drawn {how} with seed {split['seed']}, held out from training"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m model.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", type=Path, required=True, help="training run folder (state.safetensors, log.jsonl)")
-    p.add_argument("--train", type=Path, required=True, help="the training images the run used")
+    p.add_argument("--train", type=Path, default=None,
+                   help="the training images the run used (default: where they were; checked against its manifest)")
     p.add_argument("--test", type=Path, required=True, help="test images to report bits/dim on")
     p.add_argument("--output", type=Path, required=True, help="checkpoint folder to write")
     p.add_argument("--name", default=None, help="model name (default: glow-<dataset>)")
@@ -59,8 +73,21 @@ def main(argv: list[str] | None = None) -> int:
 
     model, info = load_run(args.run)
     model.to(args.device)
-    train_images, val_images = split_validation(load_images(args.train), info["val_count"])
-    test_images = load_images(args.test)
+    record = info.get("data")
+    try:
+        if record:
+            dataset, train_index, val_index = reopen(record, args.train)
+            train_images, val_images = dataset.images[train_index], dataset.images[val_index]
+            train_path = Path(args.train or record["source"])
+            test_images = reopen_like(record, args.test)
+        elif args.train is None:
+            raise DataError(f"{args.run} records no data: give --train")
+        else:
+            train_images, val_images = split_validation(load_images(args.train), info["val_count"])
+            train_path, test_images = args.train, load_images(args.test)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     dataset = info["dataset_name"]
     print(f"scoring {len(test_images)} test, {len(val_images)} validation, {TRAIN_SUBSET} training images", file=sys.stderr)
     test = bits_per_dim(model, test_images, seed=args.seed)
@@ -73,10 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         "name": args.name or f"glow-{dataset}",
         "dataset": {
             "name": dataset,
-            "train_files": fingerprint([args.train]),
-            "test_files": fingerprint([args.test]),
-            "validation": f"the last {info['val_count']} training images, held out from training",
-            "val_count": info["val_count"],
+            "train_files": fingerprint([train_path]) if train_path.is_file() else {},
+            "test_files": fingerprint([args.test]) if args.test.is_file() else {},
+            "validation": validation_text(record, len(val_images)),
+            "val_count": len(val_images),
+            **({"data": compact_record(record)} if record else {}),
         },
         "metrics": {
             "test_bits_per_dim": test.dequantized,

@@ -31,13 +31,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
 from model.checkpoint import CheckpointError, read_tensors, save_tensors, write_json
-from model.data import FASHION_MNIST_DIR, DataError, fingerprint, load_images, split_validation
+from model.architecture import default_architecture
+from model.data import (
+    FASHION_MNIST_DIR, FITS, DataError, data_record, fingerprint, load_dataset, load_images, reopen, split_indices,
+    split_validation,
+)
 from model.device import DeviceUnavailable, resolve_device
 from model.evaluate import bits_per_dim
 from model.glow import Glow, GlowConfig
@@ -165,14 +170,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n\n")[0])
     data = p.add_argument_group("data")
     data.add_argument("--train", type=Path, default=FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz",
-                      help="training images: IDX (.gz or raw), .npz with 'images', or a folder of PNG/JPEG")
-    data.add_argument("--val-count", type=int, default=5000,
-                      help="the last N training images are held out for validation and calibration")
+                      help="training images: IDX (.gz or raw), .npz with 'images' (and 'labels'), or a folder of"
+                      " PNG/JPEG/WebP (recursive; class subfolders are labels)")
+    data.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                      help="1 (grey) or 3 (RGB); default: inferred from the data (stated in the log)")
+    data.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                      help="bring every image to H x W by --fit (default: all images must share one size)")
+    data.add_argument("--fit", choices=FITS, default="scale-crop",
+                      help="how --image-size is reached: scale-crop (keep the aspect ratio, crop the centre) or resize")
+    data.add_argument("--val-count", type=int, default=None,
+                      help="images held out for validation and calibration, drawn by --val-seed (stratified when"
+                      " the data has labels); default: 5000, or a tenth of smaller data sets")
+    data.add_argument("--val-seed", type=int, default=0, help="seed of the validation draw (recorded with the run)")
     data.add_argument("--dataset-name", default="fashion-mnist")
-    arch = p.add_argument_group("architecture (fixed at the start of a run)")
-    arch.add_argument("--levels", type=int, default=2)
-    arch.add_argument("--steps", type=int, default=16, help="flow steps per level (K)")
-    arch.add_argument("--hidden", type=int, default=64, help="coupling network width")
+    arch = p.add_argument_group("architecture (fixed at the start of a run; defaults from the image size, see"
+                                " model/architecture.py)")
+    arch.add_argument("--levels", type=int, default=None)
+    arch.add_argument("--steps", type=int, default=None, help="flow steps per level (K)")
+    arch.add_argument("--hidden", type=int, default=None, help="coupling network width")
     arch.add_argument("--n-bits", type=int, default=8)
     opt = p.add_argument_group("optimisation")
     defaults = TrainSettings()
@@ -199,6 +214,37 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+DEFAULT_VAL_COUNT = 5000
+
+
+def training_data(
+    args: argparse.Namespace, info: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any] | None]:
+    """(train images, validation images, data record) of a run: recorded on --resume (and checked), else drawn.
+
+    A run recorded before data records kept the last ``val_count`` images for validation; it resumes so.
+    """
+    if info and not info.get("data"):
+        train_images, val_images = split_validation(load_images(args.train), info["val_count"])
+        return train_images, val_images, None
+    if info:
+        dataset, train_index, val_index = reopen(info["data"], args.train)
+        return dataset.images[train_index], dataset.images[val_index], info["data"]
+    size = tuple(args.image_size) if args.image_size else None
+    dataset = load_dataset(args.train, args.channels, size, args.fit)
+    count = len(dataset.images)
+    val_count = args.val_count if args.val_count is not None else min(DEFAULT_VAL_COUNT, max(1, count // 10))
+    train_index, val_index = split_indices(count, val_count, args.val_seed, dataset.labels)
+    channels = dataset.images.shape[1]
+    how = "inferred from the data" if dataset.channels_inferred else "as asked"
+    stratified = ", stratified by label" if dataset.labels is not None else ""
+    print(f"data: {count} images of {'x'.join(map(str, dataset.images.shape[1:]))} ({channels} channel"
+          f"{'s' if channels > 1 else ''}, {how}); {val_count} held out for validation (seed {args.val_seed}"
+          f"{stratified})", file=sys.stderr)
+    record = data_record(args.train, dataset, size, args.fit, args.val_seed, val_index)
+    return dataset.images[train_index], dataset.images[val_index], record
+
+
 def train(args: argparse.Namespace, argv: list[str] | None) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -222,14 +268,22 @@ def train(args: argparse.Namespace, argv: list[str] | None) -> int:
             raise SystemExit(f"--resume: no training state at {state_path}")
         info = read_state_info(state_path)
         args.dataset_name, args.val_count = info["dataset_name"], info["val_count"]  # fixed for the run
-    images = load_images(args.train)
-    train_images, val_images = split_validation(images, args.val_count)
+    train_images, val_images, record = training_data(args, info)
     train_data = torch.from_numpy(train_images)
     if args.resume:
         config = GlowConfig.from_dict(info["config"])
         settings = TrainSettings(**info["settings"])
     else:
-        config = GlowConfig(tuple(train_images.shape[1:]), args.levels, args.steps, args.hidden, args.n_bits)
+        _, height, width = train_images.shape[1:]
+        try:
+            arch = default_architecture(height, width, args.levels, args.steps, args.hidden)
+        except ValueError as exc:
+            raise DataError(f"{args.train}: {exc}") from None
+        config = GlowConfig(tuple(train_images.shape[1:]), arch.levels, arch.steps_per_level, arch.hidden_channels,
+                            args.n_bits)
+        if lead:
+            print(f"model: {config.levels} levels x {config.steps_per_level} steps, width {config.hidden_channels},"
+                  f" on {'x'.join(map(str, config.image_shape))} images", file=sys.stderr)
         settings = TrainSettings()
     for name in asdict(settings):
         if getattr(args, name) is not None:
@@ -247,7 +301,7 @@ def train(args: argparse.Namespace, argv: list[str] | None) -> int:
     if args.resume:
         info = load_state(state_path, model, ema, optimizer)
         step, wall_time = int(info["step"]), float(info["wall_time_s"])
-        if info.get("dataset_sha256") != fingerprint([args.train]):
+        if not info.get("data") and info.get("dataset_sha256") != fingerprint([args.train]):
             print(f"warning: {args.train} differs from the data the run started on", file=sys.stderr)
     else:
         first = train_data[batch_indices(len(train_data), settings.batch_size, 0, settings.seed, 0, 1)]
@@ -278,7 +332,7 @@ def train(args: argparse.Namespace, argv: list[str] | None) -> int:
             save_state(state_path, model, ema, optimizer, {
                 "step": step, "wall_time_s": wall_time, "config": config.to_dict(),
                 "settings": asdict(settings), "dataset_name": args.dataset_name,
-                "dataset_sha256": fingerprint([args.train]), "val_count": args.val_count,
+                "data": record, "val_count": len(val_images),
                 "command": info.get("command", command), "world_size": world,
                 "resumed_with": [*info.get("resumed_with", []), *([command] if args.resume else [])],
                 "device": str(device), "threads": torch.get_num_threads(),
