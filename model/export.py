@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     dataset = info["dataset_name"]
-    print(f"scoring {len(test_images)} test, {len(val_images)} validation, {TRAIN_SUBSET} training images", file=sys.stderr)
+    print(f"scoring {len(test_images)} test, {len(val_images)} validation, {min(TRAIN_SUBSET, len(train_images))}"
+          " training images", file=sys.stderr)
     test = bits_per_dim(model, test_images, seed=args.seed)
     val = bits_per_dim(model, val_images, seed=args.seed)
     train = bits_per_dim(model, train_images[:TRAIN_SUBSET], seed=args.seed)

@@ -1,4 +1,4 @@
-"""``glow``: the project's one command line. ``glow COMMAND --help`` describes each command.
+"""``glow``: the project's one command line: train, export, calibrate, evaluate, serve and score.
 
 Each command is the ``main`` of its module, imported only when it runs, so ``glow --help``
 is instant and a command whose optional dependency is missing says in one line which
@@ -25,8 +25,10 @@ EXTRAS = {"matplotlib": "train", "sklearn": "eval"}  # optional imports -> the e
 
 def usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = [f"usage: {PROG} COMMAND [ARGS...]", "", __doc__.split("\n\n")[0].split(": ", 1)[1], "", "commands:"]
+    lines = [f"usage: {PROG} COMMAND [ARGS...]", "", "Glow normalizing flows: train, export, serve and score.", "",
+             "commands:"]
     lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += ["", f"{PROG} COMMAND --help describes each command."]
     return "\n".join(lines)
 
 
