@@ -79,7 +79,7 @@ WORKDIR /app
 # GLOW_WEIGHTS: explicit, since the package's default path points inside site-packages
 #   once installed non-editable.
 # glibc's malloc thresholds are pinned by the service itself at start (mallopt, see
-#   service/__main__.py: tune_process), so no MALLOC_* variables are needed here.
+#   service/tuning.py: tune_process), so no MALLOC_* variables are needed here.
 # Torch's intra-op threads are set by the service (GLOW_THREADS, default 0: the container's
 #   CPU quota or affinity, less one for the event loop), not by OMP_NUM_THREADS.
 ENV PATH=/opt/venv/bin:$PATH \

@@ -7,8 +7,8 @@ outside, so that ``bench/served.py --variant ...`` can compare forms over HTTP:
   TorchScript graphs; ``--server-arg=--torchscript --server-arg=false`` gives it eager);
 - ``unfolded``: the checkpoint's ``Glow`` itself, layer by layer and eager (``--torchscript
   false`` is added): what the folding and the graphs save together;
-- ``--switch-interval S``: ``sys.setswitchinterval(S)`` after the service's own set-up
-  (it sets 0.0005 s; Python's default is 0.005 s).
+- ``--switch-interval S``: the GIL switch interval ``service.tuning.tune_process`` sets
+  (the service's is 0.0005 s; Python's default is 0.005 s).
 """
 
 from __future__ import annotations
@@ -41,9 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.variant == "unfolded":
         rest = [*rest, "--torchscript", "false"]
     import service.__main__ as service_main
+    import service.tuning as tuning
 
     if args.switch_interval is not None:
-        service_main.SWITCH_INTERVAL_S = args.switch_interval  # what tune_process sets at start
+        tuning.SWITCH_INTERVAL_S = args.switch_interval  # what tune_process sets
     return service_main.main(rest)
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import http.client
-import io
 import json
 import math
 import os
@@ -47,11 +46,9 @@ from typing import Any
 
 from bench import loadgen
 from bench.loadgen import LoadResult
-from bench.timing import MALLOC_TUNED, checkpoint_exists, fmt
+from bench.models import REPO, add_model_arguments, checkpoint_exists, random_checkpoint, sample_png
+from bench.timing import MALLOC_TUNED, fmt, write_results
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_WEIGHTS = REPO / "weights" / "fashion-mnist"
-DEFAULT_IMAGES = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 HOST = "127.0.0.1"
 OPERATION = "log_likelihood"  # the batcher's label in /metrics
 ENDPOINT = "/log-likelihood"
@@ -156,64 +153,6 @@ def batch_stats(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]
             "histogram": {("inf" if math.isinf(le) else f"{le:g}"): n for le, n in cumulative.items()}}
 
 
-# ------------------------------------------------------------------ inputs
-def sample_png(path: Path | None, seed: int) -> tuple[bytes, str]:
-    """PNG bytes of one 28x28 test image (the first of --images), else of random pixels."""
-    import numpy as np
-    from PIL import Image
-
-    pixels = None
-    source = "random pixels"
-    if path is not None and path.exists():
-        try:
-            from model.data import load_images
-
-            pixels = load_images(path)[0]
-            source = f"{path} [0]"
-        except Exception:  # unreadable: fall back
-            pixels = None
-    if pixels is None:
-        pixels = np.random.default_rng(seed).integers(0, 256, (1, 28, 28), dtype=np.uint8)
-    image = pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0)
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG")
-    return buffer.getvalue(), source
-
-
-def random_checkpoint(directory: Path, args: argparse.Namespace) -> Path:
-    """A random-weight checkpoint of the flags' config, with its anomaly calibration (needs scikit-learn)."""
-    import torch
-
-    from bench.model_throughput import perturb_zero_convs
-    from model.anomaly import calibrate
-    from model.checkpoint import save_checkpoint
-    from model.glow import Glow, GlowConfig
-
-    torch.set_num_threads(1)
-    config = GlowConfig(levels=args.levels, steps_per_level=args.steps, hidden_channels=args.hidden)
-    images = None
-    if args.images and Path(args.images).exists():
-        try:
-            from model.data import load_images
-
-            images = torch.from_numpy(load_images(args.images)[:512])
-        except Exception:
-            images = None
-    if images is None:
-        images = torch.randint(0, 256, (512, *config.image_shape), dtype=torch.uint8,
-                               generator=torch.Generator().manual_seed(args.seed))
-    with torch.random.fork_rng():
-        torch.manual_seed(args.seed)
-        model = Glow(config)
-    perturb_zero_convs(model, 0.01, args.seed)
-    model.initialize(images[:256], generator=torch.Generator().manual_seed(args.seed))
-    model.eval()
-    meta = {"name": "random-bench", "dataset": {"name": "none (random weights)"}, "metrics": {}}
-    with torch.no_grad():
-        save_checkpoint(model, directory, meta, calibrate(model, images))
-    return directory
-
-
 # -------------------------------------------------------------------- runs
 def closed(server: Server, generator: str, request: bytes, body: bytes, content_type: str, concurrency: int,
            duration: float, args: argparse.Namespace) -> LoadResult:
@@ -315,12 +254,8 @@ def http_ceiling(args: argparse.Namespace, env: dict[str, str], log_dir: Path, b
 # -------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.served", description=__doc__.split("\n\n")[0])
-    p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS,
-                   help="checkpoint to serve (default weights/fashion-mnist; a random-weight one when absent)")
-    p.add_argument("--levels", type=int, default=2, help="random weights: levels")
-    p.add_argument("--steps", type=int, default=16, help="random weights: steps per level")
-    p.add_argument("--hidden", type=int, default=64, help="random weights: coupling width")
-    p.add_argument("--images", default=str(DEFAULT_IMAGES), help="the request's image: the first of this file")
+    add_model_arguments(p, "checkpoint to serve (default weights/fashion-mnist; a random-weight one when absent)",
+                        "the request's image: the first of this file")
     p.add_argument("--body", choices=["multipart", "json"], default="multipart", help="request encoding")
     p.add_argument("--max-batch-size", type=int, default=None,
                    help="the batching run's --max-batch-size (default: the service's own default)")
@@ -360,7 +295,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-trivial", action="store_true", help="skip the trivial-endpoint ceiling")
     p.add_argument("--peer-json", type=Path,
                    help="JSON of bench.model_throughput --json: print served req/s over the peer's best in-process")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 3 s levels, 1 s warm-up, 3 open-loop rates of 3 s, 2 s trivial runs")
@@ -446,9 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  served at concurrency 64 / the nflows peer's best in-process ({peer:.1f} img/s): "
                   f"{batched['throughput'] / peer:.2f}x (target >= 1.5x)")
             results["served_over_peer"] = batched["throughput"] / peer
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
-        print(f"\nwrote {args.json}")
+    write_results(args.json, results)
     return 0
 
 

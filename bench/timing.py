@@ -1,12 +1,15 @@
-"""Timing and percentile helpers shared by the benchmark scripts (no torch here)."""
+"""What every benchmark script shares: timing, percentiles, table cells and the JSON of results (no torch here)."""
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 
 MALLOC_TUNED = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296"
@@ -66,18 +69,16 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def checkpoint_exists(path: object) -> bool:
-    """Whether ``path`` (a checkpoint folder or its .safetensors file) holds a checkpoint: weights and sidecar."""
-    if path is None:
-        return False
-    from model.checkpoint import resolve_paths
-
-    weights, sidecar = resolve_paths(str(path))
-    return weights.is_file() and sidecar.is_file()
-
-
 def fmt(value: float | None, digits: int = 1) -> str:
     """A number for a table cell ('-' when absent or not finite)."""
     if value is None or not math.isfinite(value):
         return "-"
     return f"{value:.{digits}f}"
+
+
+def write_results(path: Path | None, results: dict[str, Any]) -> None:
+    """Write every figure of a run as JSON to ``path`` (``--json``; nothing when None)."""
+    if path is None:
+        return
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(f"\nwrote {path}")

@@ -16,6 +16,12 @@ DistributedDataParallel: each rank takes every N-th batch of the shared order; o
 rank 0 writes. The ranks agree every step on whether to skip it (a non-finite loss
 on any rank) and whether to stop (a signal on any rank), so no rank is left alone
 in a collective, and they meet at a barrier before tearing the process group down.
+
+The parts, one job each: :func:`join_cluster` (device, process group), :func:`load_data`
+(images, validation split), :func:`run_setup` (architecture and settings),
+:func:`fresh_state` / :func:`resumed_state`, :class:`TrainState` (loss and optimiser
+step), :func:`train_loop`, :func:`evaluate`, :func:`checkpoint` and :class:`TrainLog`;
+:func:`train` only sequences them.
 """
 
 from __future__ import annotations
@@ -44,10 +50,11 @@ from model.data import (
     split_validation,
 )
 from model.device import DeviceUnavailable, resolve_device
-from model.evaluate import bits_per_dim
+from model.evaluate import BitsPerDim, bits_per_dim
 from model.glow import Glow, GlowConfig
 
 STATE_FILE = "state.safetensors"
+DEFAULT_VAL_COUNT = 5000
 LOG_FILE = "log.jsonl"
 MAX_BAD_STEPS = 20  # consecutive non-finite losses before the run stops
 
@@ -180,7 +187,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="how --image-size is reached: scale-crop (keep the aspect ratio, crop the centre) or resize")
     data.add_argument("--val-count", type=int, default=None,
                       help="images held out for validation and calibration, drawn by --val-seed (stratified when"
-                      " the data has labels); default: 5000, or a tenth of smaller data sets")
+                      f" the data has labels); default: {DEFAULT_VAL_COUNT}, or a tenth of smaller data sets")
     data.add_argument("--val-seed", type=int, default=0, help="seed of the validation draw (recorded with the run)")
     data.add_argument("--dataset-name", default="fashion-mnist")
     arch = p.add_argument_group("architecture (fixed at the start of a run; defaults from the image size, see"
@@ -214,42 +221,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-DEFAULT_VAL_COUNT = 5000
+@dataclass(frozen=True)
+class Cluster:
+    """This process's place among the training processes (one, unless started by torchrun)."""
+
+    world: int  # number of processes
+    rank: int
+    device: torch.device
+
+    @property
+    def lead(self) -> bool:
+        """Rank 0: the one process that writes the state and the log and evaluates."""
+        return self.rank == 0
 
 
-def training_data(
-    args: argparse.Namespace, info: dict[str, Any]
-) -> tuple[np.ndarray, np.ndarray, dict[str, Any] | None]:
-    """(train images, validation images, data record) of a run: recorded on --resume (and checked), else drawn.
-
-    A run recorded before data records kept the last ``val_count`` images for validation; it resumes so.
-    """
-    if info and not info.get("data"):
-        train_images, val_images = split_validation(load_images(args.train), info["val_count"])
-        return train_images, val_images, None
-    if info:
-        dataset, train_index, val_index = reopen(info["data"], args.train)
-        return dataset.images[train_index], dataset.images[val_index], info["data"]
-    size = tuple(args.image_size) if args.image_size else None
-    dataset = load_dataset(args.train, args.channels, size, args.fit)
-    count = len(dataset.images)
-    val_count = args.val_count if args.val_count is not None else min(DEFAULT_VAL_COUNT, max(1, count // 10))
-    train_index, val_index = split_indices(count, val_count, args.val_seed, dataset.labels)
-    channels = dataset.images.shape[1]
-    how = "inferred from the data" if dataset.channels_inferred else "as asked"
-    stratified = ", stratified by label" if dataset.labels is not None else ""
-    print(f"data: {count} images of {'x'.join(map(str, dataset.images.shape[1:]))} ({channels} channel"
-          f"{'s' if channels > 1 else ''}, {how}); {val_count} held out for validation (seed {args.val_seed}"
-          f"{stratified})", file=sys.stderr)
-    record = data_record(args.train, dataset, size, args.fit, args.val_seed, val_index)
-    return dataset.images[train_index], dataset.images[val_index], record
-
-
-def train(args: argparse.Namespace, argv: list[str] | None) -> int:
+def join_cluster(device_name: str) -> Cluster:
+    """The training device and, under torchrun (``WORLD_SIZE`` > 1), the process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     try:
-        device = resolve_device(args.device)
+        device = resolve_device(device_name)
     except DeviceUnavailable as exc:
         raise SystemExit(str(exc)) from None
     if world > 1:
@@ -257,160 +248,332 @@ def train(args: argparse.Namespace, argv: list[str] | None) -> int:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    lead = rank == 0
-    state_path = args.output / STATE_FILE
+    return Cluster(world, rank, device)
 
-    info: dict[str, Any] = {}
-    if args.resume:
-        if not state_path.is_file():
-            raise SystemExit(f"--resume: no training state at {state_path}")
-        info = read_state_info(state_path)
-        args.dataset_name, args.val_count = info["dataset_name"], info["val_count"]  # fixed for the run
-    train_images, val_images, record = training_data(args, info)
-    train_data = torch.from_numpy(train_images)
-    if args.resume:
-        config = GlowConfig.from_dict(info["config"])
-        settings = TrainSettings(**info["settings"])
+
+def leave_cluster(cluster: Cluster) -> None:
+    """Tear the process group down once every rank is done (no-op for one process)."""
+    if cluster.world > 1:
+        dist.barrier()  # rank 0 may still be evaluating; gloo aborts if a peer leaves first
+        dist.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """The run's images, uint8 (N, C, H, W): the training part and the held-out validation part."""
+
+    train: torch.Tensor
+    val: np.ndarray
+    # how the data was read, its manifest and the validation indices (``model.data.data_record``); None for a run
+    # started before data records, which holds out the last ``val_count`` images
+    record: dict[str, Any] | None
+
+
+def load_data(args: argparse.Namespace, previous: dict[str, Any] | None) -> TrainData:
+    """The images and the validation split: the recorded ones when resuming (checked against the manifest),
+    else read by the data flags and drawn with ``--val-seed``."""
+    if previous is not None and not previous.get("data"):
+        train, val = split_validation(load_images(args.train), previous["val_count"])
+        return TrainData(torch.from_numpy(train), val, None)
+    if previous is not None:
+        dataset, train_index, val_index = reopen(previous["data"], args.train)
+        return TrainData(torch.from_numpy(dataset.images[train_index]), dataset.images[val_index], previous["data"])
+    size = tuple(args.image_size) if args.image_size else None
+    dataset = load_dataset(args.train, args.channels, size, args.fit)
+    count, channels = len(dataset.images), dataset.images.shape[1]
+    val_count = args.val_count if args.val_count is not None else min(DEFAULT_VAL_COUNT, max(1, count // 10))
+    train_index, val_index = split_indices(count, val_count, args.val_seed, dataset.labels)
+    how = "inferred from the data" if dataset.channels_inferred else "as asked"
+    stratified = ", stratified by label" if dataset.labels is not None else ""
+    print(f"data: {count} images of {'x'.join(map(str, dataset.images.shape[1:]))} ({channels} channel"
+          f"{'s' if channels > 1 else ''}, {how}); {val_count} held out for validation (seed {args.val_seed}"
+          f"{stratified})", file=sys.stderr)
+    record = data_record(args.train, dataset, size, args.fit, args.val_seed, val_index)
+    return TrainData(torch.from_numpy(dataset.images[train_index]), dataset.images[val_index], record)
+
+
+def previous_run(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The JSON part of the state to continue (``--resume``), or None for a fresh run."""
+    if not args.resume:
+        return None
+    path = args.output / STATE_FILE
+    if not path.is_file():
+        raise SystemExit(f"--resume: no training state at {path}")
+    return read_state_info(path)
+
+
+def run_setup(args: argparse.Namespace, previous: dict[str, Any] | None, data: TrainData,
+              world: int) -> tuple[GlowConfig, TrainSettings]:
+    """The architecture (the state's when resuming, else the flags' over ``model.architecture``'s defaults for the
+    image size) and the optimisation settings (the state's or the defaults, with every flag given taking precedence)."""
+    image_shape = tuple(data.train.shape[1:])
+    if previous is not None:
+        config = GlowConfig.from_dict(previous["config"])
+        settings = TrainSettings(**previous["settings"])
     else:
-        _, height, width = train_images.shape[1:]
         try:
-            arch = default_architecture(height, width, args.levels, args.steps, args.hidden)
+            arch = default_architecture(image_shape[1], image_shape[2], args.levels, args.steps, args.hidden)
         except ValueError as exc:
             raise DataError(f"{args.train}: {exc}") from None
-        config = GlowConfig(tuple(train_images.shape[1:]), arch.levels, arch.steps_per_level, arch.hidden_channels,
-                            args.n_bits)
-        if lead:
-            print(f"model: {config.levels} levels x {config.steps_per_level} steps, width {config.hidden_channels},"
-                  f" on {'x'.join(map(str, config.image_shape))} images", file=sys.stderr)
+        config = GlowConfig(image_shape, arch.levels, arch.steps_per_level,  # type: ignore[arg-type]
+                            arch.hidden_channels, args.n_bits)
         settings = TrainSettings()
     for name in asdict(settings):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     if args.epochs is not None:
-        settings.max_steps = int(args.epochs * (len(train_data) // (settings.batch_size * world)))
-    if tuple(train_images.shape[1:]) != config.image_shape:
-        raise SystemExit(f"{args.train}: images are {train_images.shape[1:]}, the run's model needs {config.image_shape}")
+        settings.max_steps = int(args.epochs * (len(data.train) // (settings.batch_size * world)))
+    if image_shape != config.image_shape:
+        raise SystemExit(f"{args.train}: images are {image_shape}, the run's model needs {config.image_shape}")
+    return config, settings
 
+
+@dataclass
+class TrainState:
+    """What a step changes: the model, its optimiser and EMA, the step count and the training time."""
+
+    model: Glow
+    network: nn.Module  # what the forward pass calls: the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    ema: EMA
+    step: int = 0
+    wall_time: float = 0.0  # seconds of training over every process lifetime of the run
+
+    def loss(self, batch: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Mean dequantised bits/dim of a uint8 batch with its noise u ~ U[0, 1)."""
+        return self.model.bits_per_dim(self.network(batch, noise)).mean()
+
+    def update(self, loss: torch.Tensor, settings: TrainSettings) -> None:
+        """One optimiser step on ``loss`` at this step's learning rate (the gradient clipped), the EMA
+        after it; the step count advances."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.step, settings)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if settings.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), settings.grad_clip)
+        self.optimizer.step()
+        self.ema.update(self.model, self.step)
+        self.step += 1
+
+
+def seeded_state(config: GlowConfig, settings: TrainSettings, device: torch.device) -> TrainState:
+    """A model with the weights ``settings.seed`` draws, at step 0."""
     torch.manual_seed(settings.seed)
     model = Glow(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
-    ema = EMA(model, settings.ema_decay)
-    step, wall_time = 0, 0.0
-    if args.resume:
-        info = load_state(state_path, model, ema, optimizer)
-        step, wall_time = int(info["step"]), float(info["wall_time_s"])
-        if not info.get("data") and info.get("dataset_sha256") != fingerprint([args.train]):
-            print(f"warning: {args.train} differs from the data the run started on", file=sys.stderr)
-    else:
-        first = train_data[batch_indices(len(train_data), settings.batch_size, 0, settings.seed, 0, 1)]
-        model.initialize(first.to(device), torch.Generator(device=device).manual_seed(settings.seed))
-        ema = EMA(model, settings.ema_decay)
-    train_model: nn.Module = model
-    if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(model)
+    return TrainState(model, model, optimizer, EMA(model, settings.ema_decay))
 
-    command = " ".join(["python -m model.train", *(argv if argv is not None else sys.argv[1:])])
-    stop: dict[str, int | str | None] = {"signal": None}
 
-    def request_stop(signum: int, _frame: Any) -> None:
-        stop["signal"] = signum
+def fresh_state(config: GlowConfig, settings: TrainSettings, data: TrainData, device: torch.device) -> TrainState:
+    """A new run's state: ActNorm initialised from the first batch of the data order, the EMA from that."""
+    state = seeded_state(config, settings, device)
+    first = data.train[batch_indices(len(data.train), settings.batch_size, 0, settings.seed, 0, 1)]
+    state.model.initialize(first.to(device), torch.Generator(device=device).manual_seed(settings.seed))
+    state.ema = EMA(state.model, settings.ema_decay)
+    return state
 
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-    args.output.mkdir(parents=True, exist_ok=True)
-    log = (args.output / LOG_FILE).open("a") if lead else None
 
-    def write_log(record: dict[str, Any]) -> None:
-        if log is not None:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+def resumed_state(config: GlowConfig, settings: TrainSettings, path: Path, device: torch.device) -> TrainState:
+    """The state :func:`save_state` wrote to ``path``."""
+    state = seeded_state(config, settings, device)
+    info = load_state(path, state.model, state.ema, state.optimizer)
+    state.step, state.wall_time = int(info["step"]), float(info["wall_time_s"])
+    return state
 
-    def checkpoint() -> None:
-        if lead:
-            save_state(state_path, model, ema, optimizer, {
-                "step": step, "wall_time_s": wall_time, "config": config.to_dict(),
-                "settings": asdict(settings), "dataset_name": args.dataset_name,
-                "data": record, "val_count": len(val_images),
-                "command": info.get("command", command), "world_size": world,
-                "resumed_with": [*info.get("resumed_with", []), *([command] if args.resume else [])],
-                "device": str(device), "threads": torch.get_num_threads(),
-            })
 
-    def evaluate() -> None:
-        evaluation = Glow(config).to(device)
-        evaluation.load_state_dict(ema.shadow)
-        result = bits_per_dim(evaluation.eval(), val_images, seed=settings.seed)
-        write_log({"step": step, "wall_time_s": round(wall_time, 1), "val_bpd": result.dequantized,
-                   "val_bpd_bin_centre": result.bin_centre})
-        bar.write(f"step {step}: val {result.dequantized:.4f} bits/dim (bin centre {result.bin_centre:.4f})")
+def step_batch(data: TrainData, settings: TrainSettings, step: int,
+               cluster: Cluster) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's uint8 batch at ``step`` and its dequantisation noise, on the device."""
+    index = batch_indices(len(data.train), settings.batch_size, step, settings.seed, cluster.rank, cluster.world)
+    batch = data.train[index].to(cluster.device)
+    return batch, step_noise(batch.shape, step, settings.seed, cluster.rank).to(cluster.device)
 
-    bar = tqdm(total=settings.max_steps, initial=step, disable=args.quiet or not lead, unit="step",
-               dynamic_ncols=True, smoothing=0.05)
-    model.train()
-    started = time.monotonic() - wall_time
+
+class TrainLog:
+    """The run's record for people: ``log.jsonl`` lines and a progress bar (rank 0 only).
+
+    Every 50 steps a line holds the running training bits/dim (an exponential average,
+    weight 0.02 per step) and the images/s since the last line; every evaluation, the
+    validation bits/dim both ways (see ``model.evaluate``).
+    """
+
+    EVERY = 50  # steps between training lines
+
+    def __init__(self, path: Path | None, total: int, initial: int, quiet: bool) -> None:
+        self._file = path.open("a") if path is not None else None
+        self._bar = tqdm(total=total, initial=initial, disable=quiet or path is None, unit="step",
+                         dynamic_ncols=True, smoothing=0.05)
+        self._running: float | None = None
+        self._images = 0
+        self._since = time.monotonic()
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
+    def note(self, text: str) -> None:
+        """A line on the console (every rank), above the progress bar."""
+        self._bar.write(text)
+
+    def trained(self, step: int, wall_time: float, loss: float, images: int, lr: float) -> None:
+        """A finished optimiser step: ``images`` over all ranks, ``lr`` the next step's learning rate."""
+        self._running = loss if self._running is None else 0.98 * self._running + 0.02 * loss
+        self._images += images
+        if step % self.EVERY == 0:
+            rate = self._images / (time.monotonic() - self._since)
+            self._bar.set_postfix(bpd=f"{self._running:.3f}", img_s=f"{rate:.0f}", lr=f"{lr:.1e}")
+            self.write({"step": step, "wall_time_s": round(wall_time, 1), "train_bpd": self._running,
+                        "images_per_s": rate})
+            self._images, self._since = 0, time.monotonic()
+        self._bar.update(1)
+
+    def validated(self, step: int, wall_time: float, result: BitsPerDim) -> None:
+        self.write({"step": step, "wall_time_s": round(wall_time, 1), "val_bpd": result.dequantized,
+                    "val_bpd_bin_centre": result.bin_centre})
+        self.note(f"step {step}: val {result.dequantized:.4f} bits/dim (bin centre {result.bin_centre:.4f})")
+
+    def end_progress(self) -> None:
+        self._bar.close()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+class StopRequest:
+    """SIGINT and SIGTERM set ``signal`` instead of ending the process, so the run stops between steps."""
+
+    def __init__(self) -> None:
+        self.signal: int | str | None = None
+        signal.signal(signal.SIGINT, self.request)
+        signal.signal(signal.SIGTERM, self.request)
+
+    def request(self, signum: int, _frame: Any) -> None:
+        self.signal = signum
+
+
+@dataclass(frozen=True)
+class Run:
+    """What one training process holds fixed from start to end."""
+
+    cluster: Cluster
+    data: TrainData
+    config: GlowConfig
+    settings: TrainSettings
+    state_path: Path
+    end: int  # the step this process stops at: max_steps, or --stop-at when earlier
+    record: dict[str, Any]  # provenance written with every state (see checkpoint)
+
+
+def checkpoint(run: Run, state: TrainState) -> None:
+    """Write the training state (rank 0)."""
+    if run.cluster.lead:
+        save_state(run.state_path, state.model, state.ema, state.optimizer, {
+            "step": state.step, "wall_time_s": state.wall_time, **run.record, "threads": torch.get_num_threads(),
+        })
+
+
+def evaluate(run: Run, state: TrainState, log: TrainLog) -> None:
+    """Validation bits/dim of the EMA weights (what gets exported), logged."""
+    evaluation = Glow(run.config).to(state.model.device)
+    evaluation.load_state_dict(state.ema.shadow)
+    log.validated(state.step, state.wall_time, bits_per_dim(evaluation.eval(), run.data.val, seed=run.settings.seed))
+
+
+def train_loop(run: Run, state: TrainState, log: TrainLog, stop: StopRequest) -> None:
+    """Step until ``run.end`` or a stop request on any rank; evaluate and checkpoint on their timers.
+
+    A non-finite loss (on any rank) skips its step on every rank; ``MAX_BAD_STEPS`` in a
+    row end the run without saving.
+    """
+    settings, cluster = run.settings, run.cluster
+    started = time.monotonic() - state.wall_time
     last_eval = last_save = time.monotonic()
-    bad_steps, running, window_images, window_start = 0, None, 0, time.monotonic()
-    if args.stop_at is not None and args.stop_at <= step:
-        raise SystemExit(f"--stop-at {args.stop_at}: the run is already at step {step}")
-    end = settings.max_steps if args.stop_at is None else min(args.stop_at, settings.max_steps)
-    while step < end:
-        index = batch_indices(len(train_data), settings.batch_size, step, settings.seed, rank, world)
-        batch = train_data[index].to(device)
-        noise = step_noise(batch.shape, step, settings.seed, rank).to(device)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, settings)
-        loss = model.bits_per_dim(train_model(batch, noise)).mean()
-        non_finite, stopping = any_rank(not torch.isfinite(loss), stop["signal"] is not None,
-                                        device=device, world=world)
+    bad_steps = 0
+    while state.step < run.end:
+        batch, noise = step_batch(run.data, settings, state.step, cluster)
+        loss = state.loss(batch, noise)
+        non_finite, stopping = any_rank(not torch.isfinite(loss), stop.signal is not None,
+                                        device=cluster.device, world=cluster.world)
         if stopping:
-            stop["signal"] = stop["signal"] or "on another rank"
-            break
+            stop.signal = stop.signal or "on another rank"
+            return
         if non_finite:
             bad_steps += 1
-            bar.write(f"step {step}: non-finite loss ({loss.item()}), step skipped")
+            log.note(f"step {state.step}: non-finite loss ({loss.item()}), step skipped")
             if bad_steps >= MAX_BAD_STEPS:
                 raise SystemExit(f"{bad_steps} non-finite losses in a row: stopping without saving")
-            step += 1
+            state.step += 1
             continue
         bad_steps = 0
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if settings.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-        optimizer.step()
-        ema.update(model, step)
-        step += 1
-        wall_time = time.monotonic() - started
-        value = loss.item()
-        running = value if running is None else 0.98 * running + 0.02 * value
-        window_images += len(batch) * world
-        if step % 50 == 0:
-            rate = window_images / (time.monotonic() - window_start)
-            bar.set_postfix(bpd=f"{running:.3f}", img_s=f"{rate:.0f}", lr=f"{learning_rate(step, settings):.1e}")
-            write_log({"step": step, "wall_time_s": round(wall_time, 1), "train_bpd": running, "images_per_s": rate})
-            window_images, window_start = 0, time.monotonic()
-        bar.update(1)
+        state.update(loss, settings)
+        state.wall_time = time.monotonic() - started
+        log.trained(state.step, state.wall_time, loss.item(), len(batch) * cluster.world,
+                    learning_rate(state.step, settings))
         now = time.monotonic()
-        if lead and now - last_eval > settings.eval_minutes * 60:
-            evaluate()
+        if cluster.lead and now - last_eval > settings.eval_minutes * 60:
+            evaluate(run, state, log)
             last_eval = time.monotonic()
         if now - last_save > settings.checkpoint_minutes * 60:
-            checkpoint()
+            checkpoint(run, state)
             last_save = time.monotonic()
-    bar.close()
-    checkpoint()
-    if lead:
-        if stop["signal"] is None:
-            evaluate()
-        reason = (f"signal {stop['signal']}" if stop["signal"] is not None
+
+
+def provenance(argv: list[str] | None, previous: dict[str, Any] | None) -> dict[str, Any]:
+    """The command that started the run and those that resumed it (for the model card)."""
+    command = " ".join(["python -m model.train", *(argv if argv is not None else sys.argv[1:])])
+    if previous is None:
+        return {"command": command, "resumed_with": []}
+    return {"command": previous.get("command", command), "resumed_with": [*previous.get("resumed_with", []), command]}
+
+
+def train(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """One training process: set up, step until done or told to stop, save, evaluate, report."""
+    cluster = join_cluster(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    previous = previous_run(args)
+    dataset_name = previous["dataset_name"] if previous is not None else args.dataset_name  # fixed for the run
+    data = load_data(args, previous)
+    config, settings = run_setup(args, previous, data, cluster.world)
+    state_path = args.output / STATE_FILE
+    sha256 = fingerprint([args.train]) if data.record is None else None  # runs from before data records
+    if previous is not None:
+        state = resumed_state(config, settings, state_path, cluster.device)
+        if sha256 is not None and previous.get("dataset_sha256") != sha256:
+            print(f"warning: {args.train} differs from the data the run started on", file=sys.stderr)
+    else:
+        state = fresh_state(config, settings, data, cluster.device)
+        if cluster.lead:
+            print(f"model: {config.levels} levels x {config.steps_per_level} steps, width {config.hidden_channels},"
+                  f" on {'x'.join(map(str, config.image_shape))} images", file=sys.stderr)
+    if cluster.world > 1:
+        state.network = nn.parallel.DistributedDataParallel(state.model)
+    if args.stop_at is not None and args.stop_at <= state.step:
+        raise SystemExit(f"--stop-at {args.stop_at}: the run is already at step {state.step}")
+    end = settings.max_steps if args.stop_at is None else min(args.stop_at, settings.max_steps)
+    record = {"config": config.to_dict(), "settings": asdict(settings), "dataset_name": dataset_name,
+              **({"data": data.record} if data.record else {"dataset_sha256": sha256}), "val_count": len(data.val),
+              **provenance(argv, previous),
+              "world_size": cluster.world, "device": str(cluster.device)}
+    run = Run(cluster, data, config, settings, state_path, end, record)
+    stop = StopRequest()
+    args.output.mkdir(parents=True, exist_ok=True)
+    log = TrainLog(args.output / LOG_FILE if cluster.lead else None, settings.max_steps, state.step, args.quiet)
+    state.model.train()
+    train_loop(run, state, log, stop)
+    log.end_progress()
+    checkpoint(run, state)
+    if cluster.lead:
+        if stop.signal is None:
+            evaluate(run, state, log)
+        reason = (f"signal {stop.signal}" if stop.signal is not None
                   else f"--stop-at {end}" if end < settings.max_steps else f"max_steps {settings.max_steps}")
-        print(f"stopped at step {step} ({reason}); state in {state_path}")
-        log.close()
-    if world > 1:
-        dist.barrier()  # rank 0 may still be evaluating; gloo aborts if a peer leaves first
-        dist.destroy_process_group()
+        print(f"stopped at step {state.step} ({reason}); state in {state_path}")
+    log.close()
+    leave_cluster(cluster)
     return 0
 
 

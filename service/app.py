@@ -28,6 +28,7 @@ from service.runner import ModelRunner
 from service.schemas import describe_errors
 from service.settings import Settings
 from service.state import ServiceState
+from service.tuning import tune_process
 
 DESCRIPTION = """Exact log-likelihoods, anomaly scores, samples, latents and decodings of images under a
 Glow normalizing flow. Images travel as PNG or JPEG, as multipart `images` parts or JSON
@@ -46,7 +47,9 @@ def runners_for(settings: Settings) -> dict[str, ModelRunner]:
 
 
 def create_app(settings: Settings, runners: Mapping[str, ModelRunner] | ModelRunner | None = None) -> FastAPI:
-    """The app serving ``settings.weights``, or the given runners by name (a lone runner: under the first name)."""
+    """The app serving ``settings.weights``, or the given runners by name (a lone runner: under the first name),
+    the process tuned for it."""
+    tune_process(settings)
     if isinstance(runners, ModelRunner):
         runners = {settings.models[0].name: runners}
     metrics = Metrics(settings.max_batch_size)

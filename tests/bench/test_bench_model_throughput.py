@@ -1,34 +1,13 @@
-"""The thread sweep of bench/model_throughput.py on a tiny random model (the timings are not checked)."""
+"""bench/model_throughput.py: its flags, and one tiny run of its tables end to end (the timings are not checked)."""
 
 from __future__ import annotations
 
-import argparse
+import json
+from pathlib import Path
 
 import pytest
-import torch
 
-from bench.model_throughput import parse_args, run_thread_sweep
-from model.glow import Glow, GlowConfig
-
-
-def test_the_thread_sweep_times_every_variant_at_every_setting_and_restores_the_threads() -> None:
-    torch.manual_seed(0)
-    model = Glow(GlowConfig((1, 8, 8), levels=2, steps_per_level=2, hidden_channels=8)).eval()
-    images = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
-    model.initialize(images)
-    args = argparse.Namespace(device="cpu", min_time=0.0, min_repeats=1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(3)  # not a count the sweep ends on
-    try:
-        rows = run_thread_sweep(model, None, images, [1, 4], [1, 2], rounds=2, args=args, sync=None)
-        assert torch.get_num_threads() == 3
-    finally:
-        torch.set_num_threads(threads)
-    assert [(r["threads"], r["batch"]) for r in rows] == [(1, 1), (1, 4), (2, 1), (2, 4)]
-    for row in rows:
-        assert set(row["images_per_s"]) == {"plain", "served (traced)"}
-        assert all(len(rates) == 2 and all(rate > 0 for rate in rates) for rates in row["images_per_s"].values())
-        assert "served_over_peer" not in row  # no peer given
+from bench.model_throughput import main, parse_args
 
 
 def test_the_sweep_runs_one_to_the_bench_threads_unless_told() -> None:
@@ -37,3 +16,22 @@ def test_the_sweep_runs_one_to_the_bench_threads_unless_told() -> None:
     assert parse_args(["--sweep-threads"]).sweep_threads == []
     with pytest.raises(SystemExit):
         parse_args(["--sweep-threads", "0"])
+
+
+def test_a_tiny_run_times_each_operation_against_its_conv_ceiling(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench.json"
+    assert main(["--weights", str(tmp_path / "none"), "--images", "", "--levels", "1", "--steps", "1", "--hidden", "4",
+                 "--threads", "1", "--batches", "1", "2", "--operations", "log-likelihood", "decode",
+                 "--min-time", "0", "--min-repeats", "1", "--conv-min-time", "0", "--no-peer", "--knobs", "none",
+                 "--no-contention", "--sweep-threads", "--no-allocator", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "random weights (no checkpoint found)" in printed and "random pixels" in printed
+    results = json.loads(out.read_text())
+    assert set(results["flops_per_image"]["ours"]) == {"log-likelihood", "decode"}
+    assert all(flops > 0 for flops in results["flops_per_image"]["ours"].values())
+    assert set(results["ceiling"]) == {"1", "2"} and all(c["calls"] > 0 for c in results["ceiling"].values())
+    rows = [(r["operation"], r["batch"]) for r in results["throughput"]]
+    assert rows == [("log-likelihood", 1), ("log-likelihood", 2), ("decode", 1), ("decode", 2)]
+    assert all(r["ours_images_per_s"] > 0 and "ratio" not in r for r in results["throughput"])
+    assert not {"knobs", "contention", "thread_sweep", "allocator"} & set(results)

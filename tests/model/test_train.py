@@ -209,3 +209,29 @@ def test_export_writes_a_verified_checkpoint_and_card(data: Path, tmp_path: Path
     for name in ("README.md", "samples.png", "training-curve.png"):
         assert (shipped / name).is_file(), name
     assert f"{metrics['test_bits_per_dim']:.4f}" in (shipped / "README.md").read_text()
+
+
+def test_a_resumed_run_keeps_its_architecture_and_takes_the_optimisation_flags_given(tmp_path: Path) -> None:
+    data = trainer.TrainData(torch.zeros(100, 1, 8, 8, dtype=torch.uint8), np.zeros((4, 1, 8, 8), np.uint8), {})
+    previous = {"config": {"image_shape": [1, 8, 8], "levels": 1, "steps_per_level": 3, "hidden_channels": 8,
+                           "n_bits": 8},
+                "settings": {**vars(trainer.TrainSettings(lr=0.01, max_steps=40)), "seed": 5}}
+    args = trainer.parse_args(["--output", str(tmp_path), "--levels", "3", "--lr", "0.002", "--epochs", "2"])
+    config, settings = trainer.run_setup(args, previous, data, world=1)
+    assert (config.levels, config.steps_per_level) == (1, 3)  # --levels 3 cannot change a running model
+    assert (settings.lr, settings.seed) == (0.002, 5)
+    assert settings.max_steps == 2 * (100 // 64)  # --epochs counts whole batches of the run's batch size
+    fresh, _ = trainer.run_setup(args, None, data, world=1)
+    assert (fresh.levels, fresh.steps_per_level) == (3, 16)
+    with pytest.raises(SystemExit, match="images are"):
+        trainer.run_setup(args, {**previous, "config": {**previous["config"], "image_shape": [1, 16, 16]}}, data, 1)
+
+
+def test_provenance_keeps_the_first_command_and_lists_each_resume() -> None:
+    first = trainer.provenance(["--output", "run"], None)
+    assert first == {"command": "python -m model.train --output run", "resumed_with": []}
+    again = trainer.provenance(["--output", "run", "--resume"], first)
+    later = trainer.provenance(["--output", "run", "--resume", "--lr", "1e-4"], again)
+    assert later["command"] == first["command"]
+    assert later["resumed_with"] == ["python -m model.train --output run --resume",
+                                     "python -m model.train --output run --resume --lr 1e-4"]

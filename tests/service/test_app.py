@@ -214,12 +214,13 @@ async def test_batching_does_not_change_scores(
     app = create_app(make_settings(max_batch_size=64, max_wait_ms=500))
     async with app.router.lifespan_context(app), client_of(app) as http:
         responses = await asyncio.gather(*(http.post("/log-likelihood", files=files([to_png(x)])) for x in images))
-        metrics = app.state.service.metrics
+        metrics, model = app.state.service.metrics, app.state.service.default.name
     got = [r.json()["results"][0]["log_likelihood"] for r in responses]
     alone = [reference.model.log_prob(torch.from_numpy(x)[None]).item() for x in images]
     assert got == pytest.approx(alone, rel=1e-4)
-    batches = metrics.registry.get_sample_value("glow_batch_size_count", {"operation": "log_likelihood"})
-    scored = metrics.registry.get_sample_value("glow_batch_size_sum", {"operation": "log_likelihood"})
+    labels = {"model": model, "operation": "log_likelihood"}
+    batches = metrics.registry.get_sample_value("glow_batch_size_count", labels)
+    scored = metrics.registry.get_sample_value("glow_batch_size_sum", labels)
     assert scored == 64 and batches < 64  # batched for real: fewer model calls than requests
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from service_testing import ServerProcess, from_png, queue_depths, random_pixels, to_png, wait_until
 
-from service.__main__ import main, model_threads
+from service.__main__ import main
 from service.client import GlowClient
 
 
@@ -35,24 +35,6 @@ def tampered(tmp_path: Path, tiny_checkpoint: Path) -> Path:
 def one_line(err: str) -> str:
     assert err.count("\n") == 1 and "Traceback" not in err, err
     return err
-
-
-def test_model_threads_leave_a_core_to_the_event_loop(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    no_quota = tmp_path / "absent"
-    assert model_threads(3, no_quota) == 3  # asked for: taken as is
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    assert model_threads(0, no_quota) == 1
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
-    assert model_threads(0, no_quota) == 15
-    cpu_max = tmp_path / "cpu.max"
-    cpu_max.write_text("250000 100000\n")  # a container limited to 2.5 CPUs of the 16
-    assert model_threads(0, cpu_max) == 2
-    cpu_max.write_text("max 100000\n")
-    assert model_threads(0, cpu_max) == 15
-    cpu_max.write_text("garbage")
-    assert model_threads(0, cpu_max) == 15
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
-    assert model_threads(0, no_quota) == 1
 
 
 def test_a_tampered_checkpoint_exits_1_with_one_line(tampered: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -67,8 +67,9 @@ def latent_with(value: str) -> dict[str, Any]:
 
 
 def batches_run(app: FastAPI) -> dict[str, float]:
-    registry = app.state.service.metrics.registry
-    return {op: registry.get_sample_value("glow_batch_size_count", {"operation": op}) or 0.0 for op in OPERATIONS}
+    registry, model = app.state.service.metrics.registry, app.state.service.default.name
+    return {op: registry.get_sample_value("glow_batch_size_count", {"model": model, "operation": op}) or 0.0
+            for op in OPERATIONS}
 
 
 PNG = to_png(random_pixels(1, 0)[0])
