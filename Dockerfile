@@ -44,17 +44,18 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
         > /tmp/requirements.txt \
     && pip install --no-cache-dir -r /tmp/requirements.txt
 
-# Layer 3, the project itself (no dependencies left to resolve).
+# Layer 3, the shipped checkpoints, made readable by every user whatever their mode in
+# the working tree (the exporter writes its files 0600) and writable by none but root;
+# before the project, which installs them as package data too (pyproject.toml, glow_weights).
+COPY weights ./weights
+RUN chmod -R a+rX,go-w weights
+
+# Layer 4, the project itself (no dependencies left to resolve).
 COPY README.md ./
 COPY model ./model
 COPY service ./service
 RUN pip install --no-cache-dir --no-deps . \
     && python -c "import torch, service, model; print('torch', torch.__version__)"
-
-# Layer 4, the shipped checkpoints, made readable by every user whatever their mode in
-# the working tree (the exporter writes its files 0600) and writable by none but root.
-COPY weights ./weights
-RUN chmod -R a+rX,go-w weights
 
 # ---------------------------------------------------------------- runtime: venv + weights
 FROM ${PYTHON_IMAGE} AS runtime

@@ -72,8 +72,10 @@ class InProcess:
     def __init__(self, weights: str, device: str, resize: bool) -> None:
         from service.runner import ModelRunner  # torch loads only for in-process scoring
 
-        (spec,) = model_specs([weights])
-        self.runner = ModelRunner(spec.path, device)
+        specs = model_specs([weights])
+        if len(specs) != 1:
+            raise DataError(f"--weights {weights}: holds {len(specs)} checkpoints; give one")
+        self.runner = ModelRunner(specs[0].path, device)
         self.runner.load()
         self.resize = resize
 

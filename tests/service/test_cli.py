@@ -18,10 +18,14 @@ import sys
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+import torch
 from PIL import Image
+from service_testing import REPO, ServerProcess, random_pixels
 
-from service_testing import REPO, ServerProcess
+from model.anomaly import AnomalyScorer
+from model.checkpoint import Checkpoint
 
 from service.cli import COMMANDS, main
 
@@ -60,6 +64,30 @@ def test_a_missing_optional_dependency_names_its_extra(
     assert main(["evaluate"]) == 1
     err = capsys.readouterr().err
     assert err == "glow evaluate: needs sklearn, which is not installed: pip install 'glow-service[eval]'\n"
+
+
+def test_score_writes_one_row_per_image_in_order_with_the_served_numbers(
+    tmp_path: Path, tiny_checkpoint: Path, reference: Checkpoint, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = np.stack(random_pixels(3, 7))  # (3, 1, 28, 28)
+    np.savez(tmp_path / "set.npz", images=images[:, 0])
+    out = tmp_path / "scores.jsonl"
+    assert main(["score", str(tmp_path / "set.npz"), "--weights", str(tiny_checkpoint), "--device", "cpu",
+                 "--output", str(out), "--quiet", "--batch-size", "2"]) == 0  # fmt: skip
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    expected = AnomalyScorer(reference.model, reference.calibration).score(torch.from_numpy(images))
+    assert [row["image"] for row in rows] == ["#0", "#1", "#2"]
+    assert [row["log_likelihood"] for row in rows] == pytest.approx(expected.log_likelihood.tolist(), rel=1e-5)
+    assert "3 images scored" in capsys.readouterr().err
+
+
+def test_score_names_the_image_it_cannot_score(tmp_path: Path, tiny_checkpoint: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "sub").mkdir()
+    Image.fromarray(np.zeros((20, 20), dtype=np.uint8)).save(tmp_path / "sub" / "small.png")
+    assert main(["score", str(tmp_path), "--weights", str(tiny_checkpoint), "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "sub/small.png: image is 20x20 pixels, the model takes 28x28" in err and "pass --resize" in err
 
 
 def cut_patches(root: Path, offset: int, count: int) -> None:
