@@ -1,5 +1,6 @@
 # Set-up and everyday commands. The first run of any target creates .venv and installs
-# the project into it; torch is pinned here (see README "GPU" for the CUDA build).
+# the project into it, every package at its version in constraints.txt (the image installs
+# with the same file); torch is named here (see README "GPU" for the CUDA build).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
@@ -7,12 +8,12 @@ BIN := $(VENV)/bin
 FMNIST ?= /usr/share/datasets/fashion-mnist
 MNIST ?= ../shared/data/mnist
 
-.PHONY: serve test bench train-fashion-mnist train-mnist export-fashion-mnist export-mnist
+.PHONY: serve test bench check-image train-fashion-mnist train-mnist export-fashion-mnist export-mnist
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[train,test]'
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt $(TORCH)
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[train,test]'
 	touch $@
 
 serve: $(BIN)/.installed
@@ -23,6 +24,12 @@ test: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python -m bench.model_throughput
+
+# The image built and run for real: compose up, scoring, SIGTERM drain, 3 replicas behind
+# HAProxy (deploy/check-image.sh; as root: installs and starts Docker where missing; no venv
+# needed). See deploy/README.md for its duration and when it last passed.
+check-image:
+	bash deploy/check-image.sh
 
 # Reproduce the shipped checkpoints' runs from scratch in their two recorded phases (the model
 # cards list every command). 1: Adam 1e-3, 500 warm-up steps, constant until --decay-start, then

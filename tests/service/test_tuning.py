@@ -41,6 +41,26 @@ def test_model_threads_leave_a_core_to_the_event_loop(monkeypatch: pytest.Monkey
     assert tuning.model_threads(0, no_quota) == 1
 
 
+def test_model_threads_read_a_cgroup_v1_quota_where_there_is_no_v2_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    no_v2 = tmp_path / "absent"
+    quota = tmp_path / "cpu.cfs_quota_us"
+    (tmp_path / "cpu.cfs_period_us").write_text("100000\n")
+    quota.write_text("300000\n")  # docker run --cpus 3 on a cgroup v1 host
+    assert tuning.model_threads(0, no_v2, quota) == 2
+    quota.write_text("-1\n")  # no quota
+    assert tuning.model_threads(0, no_v2, quota) == 15
+    quota.write_text("garbage")
+    assert tuning.model_threads(0, no_v2, quota) == 15
+    assert tuning.model_threads(0, no_v2, tmp_path / "absent-too") == 15
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("100000 100000\n")  # where both are readable, v2 (the unified hierarchy) decides
+    quota.write_text("300000\n")
+    assert tuning.model_threads(0, cpu_max, quota) == 1
+
+
 def test_tuning_sets_the_measured_values_and_a_second_call_changes_nothing(
     make_settings: Callable[..., Settings],
 ) -> None:
