@@ -1,8 +1,10 @@
 """Re-calibrate a checkpoint's anomaly score: ``python -m model.calibrate --weights DIR --train PATH``.
 
 Recomputes the calibration tensors (see ``model.anomaly``) from the checkpoint's
-validation split (the last ``val_count`` training images, as recorded when it was
-trained) and rewrites the checkpoint with the same weights and metadata. Used when
+validation split, as recorded when it was trained (the recorded indices, after checking
+the data against the recorded manifest; for checkpoints from before data records, the
+last ``val_count`` training images) and rewrites the checkpoint with the same weights
+and metadata. Used when
 the scoring method changes without retraining; ``model.export`` calls the same code.
 """
 

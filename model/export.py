@@ -1,6 +1,8 @@
 """Export a training run as a shippable checkpoint: ``python -m model.export --run RUN --output DIR``.
 
-Takes the run's EMA weights, measures bits/dim on the train, validation and test
+Takes the run's EMA weights, reads the run's data as it was recorded (checked against
+its manifest; the validation split by its recorded indices; test images read with the
+same channels and size), measures bits/dim on the train, validation and test
 images (dequantised with a recorded seed, and at bin centres), stores the
 validation split's anomaly scores as the calibration reference, and writes
 ``glow.safetensors`` + ``glow.json`` (see ``model.checkpoint``), then the model card
@@ -76,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     record = info.get("data")
     try:
         if record:
-            dataset, train_index, val_index = reopen(record, args.train)
-            train_images, val_images = dataset.images[train_index], dataset.images[val_index]
+            data, train_index, val_index = reopen(record, args.train)
+            train_images, val_images = data.images[train_index], data.images[val_index]
             train_path = Path(args.train or record["source"])
             test_images = reopen_like(record, args.test)
         elif args.train is None:
