@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from model.glow import Glow, GlowConfig
-from model.inference import FoldedGlow, TracedGlow
+from model.inference import TracedGlow
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_WEIGHTS = REPO / "weights" / "fashion-mnist"
@@ -141,9 +141,9 @@ def sample_png(path: Path | None, seed: int) -> tuple[bytes, str]:
     return buffer.getvalue(), source
 
 
-def folded_model(model: Glow, channels_last: bool = False) -> FoldedGlow:
-    """The folded inference form of ``model``."""
-    return FoldedGlow(model, channels_last=channels_last)
+def folded_model(model: Glow, channels_last: bool = False) -> Glow:
+    """The folded inference form of ``model`` (``Glow.fold``)."""
+    return model.fold(channels_last=channels_last)
 
 
 def traced_model(model: Glow) -> TracedGlow:

@@ -17,16 +17,20 @@ from typing import Any
 
 import torch
 
-from model.anomaly import METHOD, ORIENTED_METHOD, calibrate
+from model.anomaly import DETECTORS, ORIENTATION, calibrate, describe, method_name
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.data import DataError, load_images, reopen, split_validation
 from model.glow import Glow
 
 
 def anomaly_meta(val_count: int) -> dict[str, Any]:
-    return {"method": METHOD, "method_with_orientation": ORIENTED_METHOD,
-            "reference": f"validation split ({val_count} held-out training images): "
-            "first half fits the detectors, second half is the reference", "reference_size": val_count - val_count // 2}
+    """The sidecar's description of the calibration: its rows, methods and reference."""
+    rows = DETECTORS + (ORIENTATION,)
+    return {"rows": [{"name": r.name, "description": r.description, "weight": r.weight, "two_sided": r.two_sided}
+                     for r in rows],
+            "methods": {method_name(m): describe(m) for m in (DETECTORS, rows)},
+            "reference": f"validation split ({val_count} held-out training images): the first half fits the rows' "
+            "parameters, the second half their z-scores and the reference scores", "reference_size": val_count - val_count // 2}
 
 
 def calibration_for(model: Glow, train_path: Path, val_count: int) -> dict[str, torch.Tensor]:
@@ -65,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {k: v for k, v in checkpoint.meta.items()}
     meta["anomaly"] = anomaly_meta(val_count)
     save_checkpoint(checkpoint.model, checkpoint.weights_path.parent, meta, calibration)
-    print(f"recalibrated {checkpoint.weights_path}: {METHOD}")
+    print(f"recalibrated {checkpoint.weights_path}: {', '.join(meta['anomaly']['methods'])}")
     return 0
 
 

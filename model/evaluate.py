@@ -21,11 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model.anomaly import ORIENTATION_KEYS, AnomalyScorer
+from model.anomaly import AnomalyScorer, reference_key, rows_for
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.data import DataError, load_images
 from model.glow import Glow
-from model.inference import FoldedGlow
 
 
 @dataclass(frozen=True)
@@ -155,11 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         checkpoint = load_checkpoint(args.weights, args.device)
         model = checkpoint.model
-        inference = FoldedGlow(model, channels_last=model.device.type == "cpu")  # what the service runs
+        inference = model.fold(channels_last=model.device.type == "cpu")  # what the service runs, untraced
         scorer = AnomalyScorer(model, checkpoint.calibration, fpr=args.fpr, inference=inference)
         scorers = [scorer]
-        if set(ORIENTATION_KEYS) <= set(checkpoint.calibration):  # one float64 fallback and one pass for both
-            scorers.append(AnomalyScorer(model, checkpoint.calibration, fpr=args.fpr, inference=scorer.inference,
+        if reference_key(rows_for(orientation=True)) in checkpoint.calibration:  # one pass for both
+            scorers.append(AnomalyScorer(model, checkpoint.calibration, fpr=args.fpr, inference=inference,
                                          orientation=True))
         in_images = load_images(args.in_dist)[: args.limit]
         sets = {}

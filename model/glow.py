@@ -21,6 +21,7 @@ entry is N(0, 1), so ``decode(T * randn(n, latent_dim))`` samples at temperature
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -97,18 +98,35 @@ def _total(level_logdets: list[Tensor], batch: int) -> Tensor:
 class Level(nn.Module):
     """One scale: squeeze, K flow steps, then a split (or, last, the top prior)."""
 
-    def __init__(self, channels: int, height: int, width: int, config: GlowConfig, last: bool) -> None:
+    def __init__(self, steps: list[nn.Module], prior: nn.Module, latent_shape: tuple[int, int, int],
+                 out_channels: int, memory_format: torch.memory_format = torch.contiguous_format) -> None:
         super().__init__()
         self.squeeze = Squeeze()
+        self.steps = nn.ModuleList(steps)
+        self.prior = prior
+        self.out_channels = out_channels  # channels passed to the next level
+        self.latent_shape = latent_shape  # shape of this level's eps
+        self.memory_format = memory_format  # of the activations inside the level
+
+    @classmethod
+    def build(cls, channels: int, height: int, width: int, config: GlowConfig, last: bool) -> Level:
+        """A freshly initialised level for inputs (channels, height, width)."""
         c, h, w = 4 * channels, height // 2, width // 2
-        self.steps = nn.ModuleList(FlowStep(c, config.hidden_channels) for _ in range(config.steps_per_level))
-        self.prior: ConditionalPrior | TopPrior = TopPrior(c, h, w) if last else ConditionalPrior(c)
-        self.out_channels = c if last else c // 2  # channels passed to the next level
-        self.latent_shape = (c if last else c - c // 2, h, w)  # shape of this level's eps
+        steps = [FlowStep(c, config.hidden_channels) for _ in range(config.steps_per_level)]
+        prior = TopPrior(c, h, w) if last else ConditionalPrior(c)
+        return cls(steps, prior, (c if last else c - c // 2, h, w), c if last else c // 2)
+
+    def fold(self, memory_format: torch.memory_format = torch.contiguous_format) -> Level:
+        """The same level with every step and the prior folded (``layers``' ``fold``), its activations in
+        ``memory_format``."""
+        pixels = self.latent_shape[1] * self.latent_shape[2]
+        return Level([step.fold(pixels) for step in self.steps], self.prior.fold(), self.latent_shape,
+                     self.out_channels, memory_format)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x -> (input of the next level, this level's eps, log|det|)."""
         x, logdet = self.squeeze(x)
+        x = x.contiguous(memory_format=self.memory_format)
         for step in self.steps:
             x, ld = step(x)
             logdet = logdet + ld
@@ -116,28 +134,49 @@ class Level(nn.Module):
         keep = y.shape[1] - self.latent_shape[0]
         return y[:, :keep], y[:, keep:], logdet + ld
 
-    def inverse(self, x_next: Tensor, eps: Tensor) -> Tensor:
-        """(input of the next level, eps) -> this level's input."""
-        y, _ = self.prior.inverse(torch.cat([x_next, eps], dim=1))
+    def inverse(self, x_next: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+        """(input of the next level, eps) -> (this level's input, log|det|), the log-det minus forward's."""
+        y, logdet = self.prior.inverse(torch.cat([x_next, eps], dim=1).contiguous(memory_format=self.memory_format))
         for step in reversed(self.steps):
-            y, _ = step.inverse(y)
-        x, _ = self.squeeze.inverse(y)
-        return x
+            y, ld = step.inverse(y)
+            logdet = logdet + ld
+        x, ld = self.squeeze.inverse(y)
+        return x, logdet + ld
 
 
 class Glow(nn.Module):
-    """The whole flow on discrete images: log_prob, sample, encode, decode."""
+    """The whole flow on discrete images: log_prob, sample, encode, decode.
 
-    def __init__(self, config: GlowConfig) -> None:
+    ``levels``: the levels to sequence (:meth:`fold` passes folded ones); by default
+    freshly initialised ones for ``config``.
+    """
+
+    def __init__(self, config: GlowConfig, levels: list[Level] | None = None) -> None:
         super().__init__()
         self.config = config
-        c, h, w = config.image_shape
-        levels = []
-        for index in range(config.levels):
-            level = Level(c, h, w, config, last=index == config.levels - 1)
-            levels.append(level)
-            c, h, w = level.out_channels, h // 2, w // 2
+        if levels is None:
+            c, h, w = config.image_shape
+            levels = []
+            for index in range(config.levels):
+                level = Level.build(c, h, w, config, last=index == config.levels - 1)
+                levels.append(level)
+                c, h, w = level.out_channels, h // 2, w // 2
         self.levels = nn.ModuleList(levels)
+
+    def fold(self, channels_last: bool = False) -> Glow:
+        """The inference form: the same density and bijection with everything that does not depend
+        on the input computed once, in float64, then cast to this model's dtype (``layers``' ``fold``:
+        ActNorm and the 1x1 conv of each step as one 1x1 conv with a bias, zero convs' output scales
+        in their weights). Frozen (no gradients; a snapshot of the current parameters), in eval mode.
+        ``channels_last`` stores the 4-d tensors in NHWC, which oneDNN's CPU convolutions prefer here.
+        """
+        with torch.inference_mode(False), torch.no_grad():  # real tensors, even when called in inference mode
+            exact = copy.deepcopy(self).double()
+            layout = torch.channels_last if channels_last else torch.contiguous_format
+            folded = Glow(self.config, [level.fold(layout) for level in exact.levels]).to(self.dtype)
+        if channels_last:
+            folded = folded.to(memory_format=torch.channels_last)
+        return folded.eval().requires_grad_(False)
 
     # ----------------------------------------------------------------- layout
     @property
@@ -172,12 +211,14 @@ class Glow(nn.Module):
             level_logdets.append(ld)
         return latents, level_logdets
 
-    def flow_inverse(self, latents: list[Tensor]) -> Tensor:
-        """eps of every level -> continuous image y."""
+    def flow_inverse(self, latents: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """eps of every level -> (continuous image y, log|det dy/dz|), minus :meth:`flow_forward`'s log-det."""
         x = latents[-1].new_zeros(latents[-1].shape[0], 0, *latents[-1].shape[2:])
+        level_logdets = []
         for level, eps in zip(reversed(self.levels), reversed(latents)):
-            x = level.inverse(x, eps)
-        return x
+            x, ld = level.inverse(x, eps)
+            level_logdets.append(ld)
+        return x, _total(level_logdets, x.shape[0])
 
     # ---------------------------------------------------------------- pixels
     def to_continuous(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
@@ -271,7 +312,7 @@ class Glow(nn.Module):
     @torch.no_grad()
     def decode(self, z: Tensor) -> Tensor:
         """Flat latents (B, latent_dim) -> uint8 images (B, C, H, W)."""
-        return self.to_pixels(self.flow_inverse(split_latents(z.to(self.dtype), self.latent_shapes)))
+        return self.to_pixels(self.flow_inverse(split_latents(z.to(self.dtype), self.latent_shapes))[0])
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 0.7, seed: int | None = None) -> Tensor:

@@ -8,6 +8,14 @@ Every layer is a bijection with the same two-way signature::
 so both directions can be tested against each other and against a brute-force
 Jacobian. Tensors are (B, C, H, W) throughout.
 
+Every layer with parameters also offers ``fold()``: an equivalent bijection for
+inference, with what does not depend on the input computed once (call it on a
+float64 copy; ``Glow.fold`` does). ActNorm and the 1x1 convolution fold to a
+:class:`Conv1x1` with a bias, and the two of a flow step compose into one; a
+:class:`ZeroConv2d` folds its output scale into its weights. The folded layers keep
+the signatures above, so the model that sequences them is the same :class:`Chain`
+and ``model.glow.Level``.
+
 The multi-scale "split" of the paper is written here as a bijection too
 (:class:`ConditionalPrior`): instead of scoring the factored-out half z_b under
 N(mu(z_a), sigma(z_a)) it standardises it, eps = (z_b - mu) / sigma, with
@@ -17,6 +25,8 @@ scales every prior's standard deviation by T as in the paper.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +40,45 @@ reference implementation), so the learned per-channel output scale moves quickly
 def _batch_logdet(value: Tensor, batch: int) -> Tensor:
     """Broadcast a log-det that does not depend on the input to one value per row."""
     return value.expand(batch)
+
+
+class Conv1x1(nn.Module):
+    """A fixed invertible 1x1 convolution with a bias, y = W x + c; the folded form of ActNorm and
+    :class:`InvertibleConv1x1` (and of the two in sequence: :meth:`then`).
+
+    Built from float64 W, c and log|det W|; stores W^-1 and -W^-1 c for the inverse,
+    x = W^-1 y - W^-1 c. log|det| = H * W_img * log|det W|, computed once when the
+    input's H * W_img is fixed (``pixels``; then other sizes are refused).
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor, log_abs_det: Tensor, pixels: int | None = None) -> None:
+        super().__init__()
+        inverse = torch.linalg.inv(weight)
+        self.pixels = pixels
+        self.register_buffer("weight", weight[:, :, None, None].clone())  # (C_out, C_in, 1, 1)
+        self.register_buffer("bias", bias.clone())
+        self.register_buffer("inverse_weight", inverse[:, :, None, None].clone())
+        self.register_buffer("inverse_bias", -(inverse @ bias))
+        self.register_buffer("log_abs_det", log_abs_det.clone() * (pixels or 1))  # per image if pixels, else per pixel
+
+    def then(self, other: Conv1x1, pixels: int | None = None) -> Conv1x1:
+        """The composition ``other(self(x))``: W2 (W1 x + c1) + c2 = (W2 W1) x + (W2 c1 + c2), for inputs of
+        ``pixels`` pixels (both parts per pixel)."""
+        first, second = self.weight[:, :, 0, 0], other.weight[:, :, 0, 0]
+        return Conv1x1(second @ first, second @ self.bias + other.bias, self.log_abs_det + other.log_abs_det, pixels)
+
+    def _logdet(self, x: Tensor) -> Tensor:
+        if self.pixels is None:
+            return _batch_logdet(self.log_abs_det * (x.shape[2] * x.shape[3]), x.shape[0])
+        if x.shape[2] * x.shape[3] != self.pixels:
+            raise ValueError(f"this folded 1x1 conv takes inputs of {self.pixels} pixels, got {tuple(x.shape[2:])}")
+        return _batch_logdet(self.log_abs_det, x.shape[0])
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return F.conv2d(x, self.weight, self.bias), self._logdet(x)
+
+    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        return F.conv2d(y, self.inverse_weight, self.inverse_bias), -self._logdet(y)
 
 
 class ActNorm(nn.Module):
@@ -69,6 +118,12 @@ class ActNorm(nn.Module):
         logdet = -self.log_scale.sum() * (y.shape[2] * y.shape[3])
         return x, _batch_logdet(logdet, y.shape[0])
 
+    @torch.no_grad()
+    def fold(self) -> Conv1x1:
+        """y = diag(s) x + b * s, s = exp(log_s)."""
+        log_s, b = self.log_scale.flatten(), self.bias.flatten()
+        return Conv1x1(torch.diag(torch.exp(log_s)), b * torch.exp(log_s), log_s.sum())
+
 
 class InvertibleConv1x1(nn.Module):
     """Invertible 1x1 convolution with an LU-decomposed weight (paper, section 3.2).
@@ -77,9 +132,9 @@ class InvertibleConv1x1(nn.Module):
     lower-triangular and U strictly upper-triangular, so that
     log|det| = H * W * sum(log|s|) costs O(C) instead of O(C^3).
 
-    Initialised from a random rotation, as in the paper. In eval mode the composed
-    weight and its inverse are computed once (the inverse in float64) and cached
-    until a parameter changes, the module moves, or it returns to training mode.
+    Initialised from a random rotation, as in the paper. W is composed on every call
+    (C x C, C <= 16 here: microseconds) and inverted in float64 for :meth:`inverse`;
+    :meth:`fold` computes both once for inference.
     """
 
     def __init__(self, channels: int, generator: torch.Generator | None = None) -> None:
@@ -93,41 +148,13 @@ class InvertibleConv1x1(nn.Module):
         self.lower = nn.Parameter(lower)
         self.upper = nn.Parameter(torch.triu(upper, 1))
         self.log_s = nn.Parameter(torch.log(torch.abs(diagonal)))
-        self._cache: tuple[tuple[object, ...], Tensor, Tensor] | None = None
 
-    def _compose(self) -> Tensor:
+    def weight(self) -> Tensor:
+        """The (C_out, C_in) weight W."""
         eye = torch.eye(self.lower.shape[0], dtype=self.lower.dtype, device=self.lower.device)
         lower = self.lower * self.lower_mask + eye
         upper = self.upper * self.lower_mask.T + torch.diag(self.sign_s * torch.exp(self.log_s))
-        return self.permutation @ lower @ upper  # (C_out, C_in)
-
-    def _cache_key(self) -> tuple[object, ...]:
-        params = (self.lower, self.upper, self.log_s)
-        return tuple(p._version for p in params) + tuple(p.data_ptr() for p in params)
-
-    def _cached(self) -> tuple[Tensor, Tensor]:
-        key = self._cache_key()
-        if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
-                weight = self._compose()
-                inverse = torch.linalg.inv(weight.double()).to(weight.dtype)
-            self._cache = (key, weight, inverse)
-        return self._cache[1], self._cache[2]
-
-    def weight(self) -> Tensor:
-        """The (C_out, C_in) weight W; cached in eval mode."""
-        return self._cached()[0] if not self.training else self._compose()
-
-    def inverse_weight(self) -> Tensor:
-        """W^-1, inverted in float64; cached in eval mode."""
-        if not self.training:
-            return self._cached()[1]
-        weight = self._compose()
-        return torch.linalg.inv(weight.double()).to(weight.dtype)
-
-    def train(self, mode: bool = True) -> InvertibleConv1x1:
-        self._cache = None
-        return super().train(mode)
+        return self.permutation @ lower @ upper
 
     def _logdet(self, x: Tensor) -> Tensor:
         return _batch_logdet(self.log_s.sum() * (x.shape[2] * x.shape[3]), x.shape[0])
@@ -136,7 +163,14 @@ class InvertibleConv1x1(nn.Module):
         return F.conv2d(x, self.weight()[:, :, None, None]), self._logdet(x)
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return F.conv2d(y, self.inverse_weight()[:, :, None, None]), -self._logdet(y)
+        weight = self.weight()
+        inverse = torch.linalg.inv(weight.double()).to(weight.dtype)
+        return F.conv2d(y, inverse[:, :, None, None]), -self._logdet(y)
+
+    @torch.no_grad()
+    def fold(self) -> Conv1x1:
+        weight = self.weight()
+        return Conv1x1(weight, weight.new_zeros(weight.shape[0]), self.log_s.sum())
 
 
 class ZeroConv2d(nn.Module):
@@ -156,6 +190,15 @@ class ZeroConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(x) * torch.exp(self.logs * LOG_SCALE_FACTOR)
 
+    @torch.no_grad()
+    def fold(self) -> nn.Conv2d:
+        """The convolution with the output scale in its weight and bias."""
+        scale = torch.exp(self.logs * LOG_SCALE_FACTOR).flatten()
+        conv = copy.deepcopy(self.conv)
+        conv.weight.mul_(scale[:, None, None, None])
+        conv.bias.mul_(scale)
+        return conv
+
 
 class AffineCoupling(nn.Module):
     """Affine coupling layer (paper, section 3.3; Dinh et al., 2017).
@@ -173,12 +216,13 @@ class AffineCoupling(nn.Module):
     def __init__(self, channels: int, hidden: int) -> None:
         super().__init__()
         self.split_at = channels // 2
+        self.scale_offset = 2.0  # s = sigmoid(raw + 2)
         out = channels - self.split_at
         self.net = nn.Sequential(
             nn.Conv2d(self.split_at, hidden, 3, padding=1),
-            nn.ReLU(),
+            nn.ReLU(inplace=True),
             nn.Conv2d(hidden, hidden, 1),
-            nn.ReLU(),
+            nn.ReLU(inplace=True),
             ZeroConv2d(hidden, 2 * out),
         )
         nn.init.normal_(self.net[0].weight, std=0.05)
@@ -188,23 +232,60 @@ class AffineCoupling(nn.Module):
 
     def _log_scale_shift(self, x_a: Tensor) -> tuple[Tensor, Tensor]:
         raw, shift = self.net(x_a).chunk(2, dim=1)
+        if self.scale_offset:  # 0 once folded into the last layer's bias
+            raw = raw + self.scale_offset
         # log sigmoid(a) = -softplus(-a): finite where sigmoid(a) underflows to 0 in float32
-        return F.logsigmoid(raw + 2.0), shift
+        return F.logsigmoid(raw), shift
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x_a, x_b = x[:, : self.split_at], x[:, self.split_at :]
         log_scale, shift = self._log_scale_shift(x_a)
         y_b = (x_b + shift) * torch.exp(log_scale)
-        return torch.cat([x_a, y_b], dim=1), log_scale.flatten(1).sum(1)
+        return torch.cat([x_a, y_b], dim=1), log_scale.sum((1, 2, 3))
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         y_a, y_b = y[:, : self.split_at], y[:, self.split_at :]
         log_scale, shift = self._log_scale_shift(y_a)
         x_b = y_b * torch.exp(-log_scale) - shift
-        return torch.cat([y_a, x_b], dim=1), -log_scale.flatten(1).sum(1)
+        return torch.cat([y_a, x_b], dim=1), -log_scale.sum((1, 2, 3))
+
+    @torch.no_grad()
+    def fold(self) -> AffineCoupling:
+        """The same coupling with its last layer's output scale, and the +2 of s, folded into its weights."""
+        folded = copy.deepcopy(self)
+        last = self.net[-1].fold()
+        last.bias[: last.bias.numel() // 2] += self.scale_offset
+        folded.net[-1], folded.scale_offset = last, 0.0
+        return folded
 
 
-class FlowStep(nn.Module):
+class Chain(nn.Module):
+    """Bijections in sequence: forward applies them in order and sums their log-dets, inverse
+    undoes them in reverse order (log|det| of a composition is the sum of its parts')."""
+
+    def __init__(self, *layers: nn.Module) -> None:
+        super().__init__()
+        for index, layer in enumerate(layers):
+            self.add_module(str(index), layer)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        layers = list(self.children())
+        x, logdet = layers[0](x)
+        for layer in layers[1:]:
+            x, ld = layer(x)
+            logdet = logdet + ld
+        return x, logdet
+
+    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        layers = list(self.children())[::-1]
+        y, logdet = layers[0].inverse(y)
+        for layer in layers[1:]:
+            y, ld = layer.inverse(y)
+            logdet = logdet + ld
+        return y, logdet
+
+
+class FlowStep(Chain):
     """One step of flow: ActNorm -> invertible 1x1 conv -> affine coupling (paper, fig. 2a)."""
 
     def __init__(self, channels: int, hidden: int, generator: torch.Generator | None = None) -> None:
@@ -213,17 +294,10 @@ class FlowStep(nn.Module):
         self.invconv = InvertibleConv1x1(channels, generator)
         self.coupling = AffineCoupling(channels, hidden)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        x, ld_norm = self.actnorm(x)
-        x, ld_conv = self.invconv(x)
-        x, ld_coupling = self.coupling(x)
-        return x, ld_norm + ld_conv + ld_coupling
-
-    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        y, ld_coupling = self.coupling.inverse(y)
-        y, ld_conv = self.invconv.inverse(y)
-        y, ld_norm = self.actnorm.inverse(y)
-        return y, ld_norm + ld_conv + ld_coupling
+    def fold(self, pixels: int | None = None) -> Chain:
+        """One 1x1 convolution with a bias (ActNorm then the 1x1 conv), then the folded coupling;
+        ``pixels``: H * W of the inputs, when fixed (the constant log-det is then computed once)."""
+        return Chain(self.actnorm.fold().then(self.invconv.fold(), pixels), self.coupling.fold())
 
 
 class Squeeze(nn.Module):
@@ -276,6 +350,13 @@ class ConditionalPrior(nn.Module):
         z_b = eps * torch.exp(log_sigma) + mean
         return torch.cat([z_a, z_b], dim=1), log_sigma.flatten(1).sum(1)
 
+    @torch.no_grad()
+    def fold(self) -> ConditionalPrior:
+        """The same prior with its zero conv's output scale folded into its weights."""
+        folded = copy.deepcopy(self)
+        folded.prior = self.prior.fold()
+        return folded
+
 
 class TopPrior(nn.Module):
     """The learned prior of the last level: N(mu, sigma) with learned mu, log_sigma of shape (C, H, W).
@@ -296,3 +377,7 @@ class TopPrior(nn.Module):
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         z = y * torch.exp(self.log_sigma) + self.mean
         return z, _batch_logdet(self.log_sigma.sum(), y.shape[0])
+
+    def fold(self) -> TopPrior:
+        """Nothing depends on the input but mu and sigma: a copy (``torch.jit.freeze`` folds exp(log_sigma))."""
+        return copy.deepcopy(self)

@@ -281,12 +281,17 @@ async def sample(
     openapi_extra=IMAGES_BODY,
     tags=["inference"],
     summary="The latent of each image, and its log-likelihood",
+    description="An image whose latents overflow float32 (far outside the training data) is refused with 422.",
 )
 async def encode(request: Request, state: ModelDep, resize: ResizeQuery = False) -> EncodeResponse:
     images = await read_images(request, state, resize, then=as_decoded)
     encoded = await until_disconnected(request, state.encodings.submit(images))
+    overflowed = [index for index, item in enumerate(encoded) if item.latent is None]
+    if overflowed:
+        raise HTTPException(422, f"images {overflowed}: their latents overflow float32 (images far outside the training"
+                            " data); /log-likelihood scores such images as anomalies")
     return EncodeResponse(
-        latents=[item.latent.tolist() for item in encoded],
+        latents=[item.latent.tolist() for item in encoded if item.latent is not None],
         latent_dim=state.runner.latent_dim,
         log_likelihood=[item.log_likelihood for item in encoded],
     )

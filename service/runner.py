@@ -1,12 +1,16 @@
 """The model on its device: loads the checkpoint and runs batches in one worker thread.
 
-Batches run through the folded inference form of the checkpoint's Glow
-(``model.inference.FoldedGlow``: same log-likelihoods to ~1e-6 relative, the same
-latents, decode(encode(x)) == x), channels_last on the CPU where it measured faster,
-as frozen TorchScript graphs (``TracedGlow``) unless ``torchscript=False``. The graphs
-are checked against the eager form at load; should they differ or fail to build, the
-runner logs why and serves the eager form. The plain Glow in float64 rescores the rare
-image float32 overflows on.
+Batches run through the checkpoint's Glow folded for inference (``Glow.fold``: the same
+log-likelihoods to ~4e-6 relative, the same latents, decode(encode(x)) == x),
+channels_last on the CPU where it measured faster, as frozen TorchScript graphs
+(``model.inference.TracedGlow``) unless ``torchscript=False``. The graphs are checked
+against the eager fold at load; should they differ or fail to build, the runner logs why
+and serves the eager fold.
+
+Overflow (``model.anomaly``'s policy): an image whose float32 results are not finite is
+scored as the most anomalous (capped score, floor log-likelihood); ``encode_batch`` marks
+one whose latents are not finite (``Encoded.latent`` None) so the route can refuse it.
+No number this module returns is NaN or infinite.
 
 The batch functions take and return numpy arrays and plain numbers, so nothing above
 this module touches a tensor. They run in a single worker thread under
@@ -28,11 +32,11 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from model.anomaly import AnomalyScorer, compressed_bits_per_dim
+from model.anomaly import LOG_LIKELIHOOD_FLOOR, AnomalyScorer, compressed_bits_per_dim
 from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from model.device import resolve_device
 from model.glow import Glow
-from model.inference import Float64Fallback, FoldedGlow, TracedGlow
+from model.inference import TracedGlow
 
 T = TypeVar("T")
 log = logging.getLogger("service.runner")
@@ -66,11 +70,11 @@ class Score:
 class Encoded:
     """One image's flat latent and its log-likelihood."""
 
-    latent: np.ndarray  # (latent_dim,) float32
-    log_likelihood: float
+    latent: np.ndarray | None  # (latent_dim,) float32; None: not finite in float32 (the image overflows)
+    log_likelihood: float  # LOG_LIKELIHOOD_FLOOR where it overflowed
 
 
-def check_graphs(folded: FoldedGlow, traced: TracedGlow, batches: tuple[int, ...] = (1, 5)) -> None:
+def check_graphs(folded: Glow, traced: TracedGlow, batches: tuple[int, ...] = (1, 5)) -> None:
     """Raise unless the graphs give the eager form's log-likelihoods and images on the model's own samples."""
     with torch.inference_mode():
         for batch in batches:
@@ -99,7 +103,7 @@ class ModelRunner:
         self.torchscript = torchscript
         self._checkpoint: Checkpoint | None = None
         self._scorer: AnomalyScorer | None = None
-        self._inference: Float64Fallback | None = None
+        self._inference: Glow | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glow-model")
 
     # ------------------------------------------------------------- loading
@@ -109,16 +113,15 @@ class ModelRunner:
             return
         checkpoint = load_checkpoint(self.weights, resolve_device(self.requested_device))
         model = checkpoint.model.eval()
-        folded = FoldedGlow(model, channels_last=model.device.type == "cpu")  # NHWC: faster on CPU (bench/)
-        fast: FoldedGlow | TracedGlow = folded
+        folded = model.fold(channels_last=model.device.type == "cpu")  # NHWC: faster on CPU (bench/)
+        inference = folded
         if self.torchscript:
             try:
                 traced = TracedGlow(folded)
                 check_graphs(folded, traced)
-                fast = traced
-            except Exception as exc:  # any failure to build or match: the eager form is exact and serves
+                inference = traced
+            except Exception as exc:  # any failure to build or match: the eager fold is exact and serves
                 log.warning("TorchScript form unusable (%s: %s); serving the eager form", type(exc).__name__, exc)
-        inference = Float64Fallback(fast, model)
         try:
             scorer = AnomalyScorer(model, checkpoint.calibration, fpr=self.anomaly_fpr, inference=inference,
                                    orientation=self.anomaly_orientation)
@@ -141,9 +144,8 @@ class ModelRunner:
         return self.checkpoint.model
 
     @property
-    def inference(self) -> Float64Fallback:
-        """The folded form of the model (``model.inference``) that every batch runs through, with its float64
-        fallback."""
+    def inference(self) -> Glow:
+        """The folded form of the model (traced or eager) that every batch runs through."""
         if self._inference is None:
             raise RuntimeError("the checkpoint is not loaded")
         return self._inference
@@ -151,7 +153,7 @@ class ModelRunner:
     @property
     def form(self) -> str:
         """Which form serves: "torchscript" or "eager" (the folded model without graphs)."""
-        return "torchscript" if isinstance(self.inference.fast, TracedGlow) else "eager"
+        return "torchscript" if isinstance(self.inference, TracedGlow) else "eager"
 
     @property
     def scorer(self) -> AnomalyScorer:
@@ -231,8 +233,9 @@ class ModelRunner:
     def encode_batch(self, images: list[np.ndarray]) -> list[Encoded]:
         """uint8 images (C, H, W) -> flat latents (the layout of ``Glow.encode``) and log-likelihoods."""
         z, log_prob = self.inference.encode_with_log_prob(self._pixels(images))
-        latents, log_likelihood = z.float().cpu().numpy(), log_prob.double().cpu().tolist()
-        return [Encoded(latent, float(ll)) for latent, ll in zip(latents, log_likelihood)]
+        finite = torch.isfinite(z).all(1).tolist()
+        log_likelihood = torch.where(torch.isfinite(log_prob), log_prob.double(), LOG_LIKELIHOOD_FLOOR).tolist()
+        return [Encoded(latent if ok else None, ll) for latent, ok, ll in zip(z.float().cpu().numpy(), finite, log_likelihood)]
 
     def decode_batch(self, latents: list[np.ndarray]) -> list[np.ndarray]:
         """Flat latents (latent_dim,) -> uint8 images (C, H, W)."""

@@ -13,6 +13,10 @@ LATENT_ORDER = (
 )
 
 
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+"""A number of a response: NaN or infinity fails validation (a 500) instead of reaching a client as null."""
+
+
 class ErrorResponse(BaseModel):
     detail: str = Field(description="what is wrong, in words a user can act on")
 
@@ -39,8 +43,9 @@ class Limits(BaseModel):
 
 
 class AnomalyInfo(BaseModel):
-    method: str = Field(description="what anomaly_score is")
-    threshold: float = Field(description="anomaly_score above which is_anomaly is true")
+    method: str = Field(description="short, stable name of the anomaly score (its detectors' names joined by '+')")
+    description: str = Field(description="what anomaly_score is, in words")
+    threshold: FiniteFloat = Field(description="anomaly_score above which is_anomaly is true")
     false_positive_rate: float = Field(description="share of the reference set above the threshold, by design")
     reference_size: int = Field(description="in-distribution images the percentiles are computed against")
 
@@ -90,17 +95,20 @@ class ImagesRequest(BaseModel):
 
 
 class ImageScore(BaseModel):
-    log_likelihood: float = Field(description="log P(x) in nats of the discrete 8-bit image (bin centres)")
-    bits_per_dim: float = Field(description="-log P(x) / (D log 2)")
-    anomaly_score: float = Field(description="higher = more anomalous")
-    percentile: float = Field(ge=0, le=100, description="share of the reference set with a lower anomaly_score")
+    log_likelihood: FiniteFloat = Field(
+        description="log P(x) in nats of the discrete 8-bit image (bin centres); -3.4028234663852886e38 (float32's"
+        " lowest) where the model's float32 arithmetic overflows on the image"
+    )
+    bits_per_dim: FiniteFloat = Field(description="-log P(x) / (D log 2)")
+    anomaly_score: FiniteFloat = Field(description="higher = more anomalous; at most 1e6 (images that overflow)")
+    percentile: FiniteFloat = Field(ge=0, le=100, description="share of the reference set with a lower anomaly_score")
     is_anomaly: bool = Field(description="anomaly_score above the calibrated threshold")
 
 
 class LogLikelihoodResponse(BaseModel):
     results: list[ImageScore] = Field(description="one per input image, in input order")
-    anomaly_method: str = Field(description="what anomaly_score is")
-    threshold: float = Field(description="anomaly_score above which is_anomaly is true")
+    anomaly_method: str = Field(description="short, stable name of the anomaly score (GET /model describes it)")
+    threshold: FiniteFloat = Field(description="anomaly_score above which is_anomaly is true")
 
 
 class SampleResponse(BaseModel):
@@ -110,9 +118,9 @@ class SampleResponse(BaseModel):
 
 
 class EncodeResponse(BaseModel):
-    latents: list[list[float]] = Field(description=f"one per input image: {LATENT_ORDER}")
+    latents: list[list[FiniteFloat]] = Field(description=f"one per input image: {LATENT_ORDER}")
     latent_dim: int
-    log_likelihood: list[float] = Field(description="nats of each image, as /log-likelihood returns")
+    log_likelihood: list[FiniteFloat] = Field(description="nats of each image, as /log-likelihood returns")
 
 
 class DecodeRequest(BaseModel):

@@ -124,6 +124,7 @@ class ModelState:
             latent_shapes=[list(shape) for shape in runner.model.latent_shapes],
             anomaly=AnomalyInfo(
                 method=runner.scorer.method,
+                description=runner.scorer.description,
                 threshold=runner.scorer.threshold,
                 false_positive_rate=runner.scorer.fpr,
                 reference_size=runner.scorer.reference.numel(),

@@ -11,23 +11,25 @@ import pytest
 import torch
 
 from model.anomaly import (
-    CALIBRATION_KEYS,
-    GLOBAL_WEIGHT,
-    ORIENTATION_KEYS,
-    ORIENTATION_WEIGHT,
-    ORIENTED_METHOD,
-    ORIENTED_REFERENCE_KEY,
-    REFERENCE_KEY,
+    DETECTORS,
+    LOG_LIKELIHOOD_FLOOR,
+    ORIENTATION,
+    SCORE_CAP,
     AnomalyScorer,
     calibrate,
     compressed_bits_per_dim,
+    features,
+    method_name,
+    reference_key,
+    rows_for,
 )
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.evaluate import detection, synthetic_set
 from model.evaluate import main as evaluate_main
 from model.glow import Glow, GlowConfig
-from model.inference import FoldedGlow
 
+GLOBAL = next(row for row in DETECTORS if row.name == "global")
+REFERENCE_KEY, ORIENTED_REFERENCE_KEY = reference_key(rows_for(False)), reference_key(rows_for(True))
 CONFIG = GlowConfig(image_shape=(1, 8, 8), levels=2, steps_per_level=2, hidden_channels=16)
 
 
@@ -69,20 +71,44 @@ def calibration(model: Glow) -> dict[str, torch.Tensor]:
     return calibrate(model, squares(400, seed=1))
 
 
-def test_calibration_holds_every_key_and_a_reference_from_the_second_half(calibration: dict[str, torch.Tensor]) -> None:
-    assert set(calibration) == set(CALIBRATION_KEYS) | set(ORIENTATION_KEYS)
+def test_calibration_lists_every_row_it_fitted_and_a_reference_per_method(
+        calibration: dict[str, torch.Tensor]) -> None:
+    rows = DETECTORS + (ORIENTATION,)
+    assert {key.split(".")[1] for key in calibration if key.endswith(".z")} == {row.name for row in rows}
+    for row in rows:
+        mean, std = calibration[f"anomaly.{row.name}.z"].tolist()
+        assert math.isfinite(mean) and std > 0
+        assert calibration[f"anomaly.{row.name}.row"].tolist() == [row.weight, float(row.two_sided)]
     for key in (REFERENCE_KEY, ORIENTED_REFERENCE_KEY):
-        assert calibration[key].shape == (200,)
-        assert torch.isfinite(calibration[key]).all()
-    assert calibration["anomaly.orientation_z"].shape == (2,) and calibration["anomaly.orientation_z"][1] > 0
-    features = calibration["anomaly.energy_mean"].numel()
-    assert calibration["anomaly.energy_precision"].shape == (features, features)
+        assert calibration[key].shape == (200,)  # the second half
+        assert torch.isfinite(calibration[key]).all() and (calibration[key] >= 0).all()  # every term is >= 0
+    assert method_name(rows_for(False)) == "complexity+energy+level+global"
+    assert method_name(rows_for(True)) == "complexity+energy+level+global+orientation"
+    features = calibration["anomaly.energy.mean"].numel()
+    assert calibration["anomaly.energy.precision"].shape == (features, features)
+
+
+def test_calibration_cross_fits(model: Glow) -> None:
+    """Parameters from the first half alone, z-scores and the reference from the second half alone."""
+    images = squares(400, seed=1)
+    calibration = calibrate(model, images)
+    changed = images.clone()
+    changed[200:] = squares(200, seed=21)  # another second half: same parameters, other z-scores and reference
+    other = calibrate(model, changed)
+    assert torch.equal(calibration["anomaly.energy.mean"], other["anomaly.energy.mean"])
+    assert torch.equal(calibration["anomaly.global.coef"], other["anomaly.global.coef"])
+    assert not torch.equal(calibration["anomaly.energy.z"], other["anomaly.energy.z"])
+    assert not torch.equal(calibration[REFERENCE_KEY], other[REFERENCE_KEY])
+    half = features(model, images[200:])
+    energy = DETECTORS[1].feature(half, {"mean": calibration["anomaly.energy.mean"],
+                                         "precision": calibration["anomaly.energy.precision"]})
+    torch.testing.assert_close(calibration["anomaly.energy.z"], torch.stack([energy.mean(), energy.std()]))
 
 
 def test_the_folded_form_gives_the_same_scores(model: Glow, calibration: dict[str, torch.Tensor]) -> None:
     x = torch.cat([squares(8, seed=2), synthetic_tensor("uniform", 8)])
     plain = AnomalyScorer(model, calibration).score(x)
-    folded = AnomalyScorer(model, calibration, inference=FoldedGlow(model, channels_last=True)).score(x)
+    folded = AnomalyScorer(model, calibration, inference=model.fold(channels_last=True)).score(x)
     torch.testing.assert_close(folded.log_likelihood, plain.log_likelihood, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(folded.anomaly_score, plain.anomaly_score, rtol=1e-4, atol=1e-4)
     assert torch.equal(folded.is_anomaly, plain.is_anomaly)
@@ -138,45 +164,34 @@ def test_percentile_and_threshold_follow_the_reference(model: Glow, calibration:
         AnomalyScorer(model, {REFERENCE_KEY: reference})
 
 
-def test_scores_stay_finite_for_images_the_model_cannot_score(model: Glow, calibration: dict[str, torch.Tensor],
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    scorer = AnomalyScorer(model, calibration)
-    x = squares(2, seed=6)
+def test_images_the_model_cannot_score_get_the_floor_the_cap_and_the_flag(
+        model: Glow, calibration: dict[str, torch.Tensor], monkeypatch: pytest.MonkeyPatch) -> None:
+    x = squares(4, seed=6)
     original = Glow.log_prob_and_levels
 
     def overflowing(self: Glow, images: torch.Tensor, noise: torch.Tensor | None = None):
+        """float32 overflows on image 1 (its latents) and image 3 (its log-likelihood, NaN)."""
         log_prob, latents, levels = original(self, images, noise)
-        inf = float("inf")
-        return torch.full_like(log_prob, float("nan")), [torch.full_like(e, inf) for e in latents], levels
-
-    monkeypatch.setattr(Glow, "log_prob_and_levels", overflowing)
-    scores = scorer.score(x)
-    assert torch.isfinite(scores.anomaly_score).all() and scores.is_anomaly.all()
-
-
-def test_float32_overflow_falls_back_to_float64(model: Glow, calibration: dict[str, torch.Tensor],
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    scorer = AnomalyScorer(model, calibration)
-    x = squares(3, seed=8)
-    expected = AnomalyScorer(scorer.inference.exact_model(), calibration).score(x)
-    original = Glow.log_prob_and_levels
-
-    def overflow_in_float32(self: Glow, images: torch.Tensor, noise: torch.Tensor | None = None):
-        log_prob, latents, levels = original(self, images, noise)
-        if self.dtype == torch.float32:
-            log_prob = log_prob.clone()
-            log_prob[1] = -float("inf")
+        latents[0][1] = float("inf")
+        log_prob[1], log_prob[3] = -float("inf"), float("nan")
         return log_prob, latents, levels
 
-    monkeypatch.setattr(Glow, "log_prob_and_levels", overflow_in_float32)
-    scores = scorer.score(x)
-    assert torch.isfinite(scores.log_likelihood).all()
-    assert scores.log_likelihood[1].item() == pytest.approx(expected.log_likelihood[1].item(), rel=1e-12)
-    assert scores.anomaly_score[1].item() == pytest.approx(expected.anomaly_score[1].item(), rel=1e-9)
+    expected = AnomalyScorer(model, calibration).score(x)
+    monkeypatch.setattr(Glow, "log_prob_and_levels", overflowing)
+    for orientation in (False, True):
+        scores = AnomalyScorer(model, calibration, orientation=orientation).score(x)
+        for values in (scores.log_likelihood, scores.bits_per_dim, scores.anomaly_score, scores.percentile):
+            assert torch.isfinite(values).all()
+        assert scores.log_likelihood[[1, 3]].tolist() == [LOG_LIKELIHOOD_FLOOR] * 2
+        assert scores.anomaly_score[[1, 3]].tolist() == [SCORE_CAP] * 2 and scores.is_anomaly[[1, 3]].all()
+        assert scores.percentile[[1, 3]].tolist() == [100.0, 100.0]
+        assert (scores.anomaly_score[[0, 2]] < SCORE_CAP).all()
+        if not orientation:  # the others are scored as without the overflowing ones
+            torch.testing.assert_close(scores.anomaly_score[[0, 2]], expected.anomaly_score[[0, 2]])
 
 
 def test_the_top_level_detector_is_fitted_and_used(model: Glow, calibration: dict[str, torch.Tensor]) -> None:
-    coef = calibration["anomaly.level_coef"]
+    coef = calibration["anomaly.global.coef"]
     assert coef.shape == (model.config.levels,)  # a slope per lower level, and an intercept
     x = torch.cat([squares(4, seed=9), synthetic_tensor("uniform", 4)])
     scorer = AnomalyScorer(model, calibration)
@@ -186,11 +201,16 @@ def test_the_top_level_detector_is_fitted_and_used(model: Glow, calibration: dic
     d = model.config.dims
     constants = 0.5 * d * math.log(2 * math.pi) + d * model.config.n_bits * math.log(2)
     torch.testing.assert_close(f.level_nats.sum(1), -f.log_likelihood - constants, rtol=1e-5, atol=1e-2)
-    # predicting the top level's nats 1 nat higher lowers each score by GLOBAL_WEIGHT / std of that detector
-    shifted = {**calibration, "anomaly.level_coef": coef + torch.tensor([0.0] * (len(coef) - 1) + [1.0])}
+    # predicting the top level's nats 1 nat higher lowers each score by GLOBAL.weight / std of that detector
+    shifted = {**calibration, "anomaly.global.coef": coef + torch.tensor([0.0] * (len(coef) - 1) + [1.0])}
     plain = x[:4]  # the noise images' scores may sit at SCORE_CAP, which no shift moves
     delta = scorer.score(plain).anomaly_score - AnomalyScorer(model, shifted).score(plain).anomaly_score
-    torch.testing.assert_close(delta, torch.full_like(delta, GLOBAL_WEIGHT / float(calibration["anomaly.z_std"][3])))
+    mean, std = calibration["anomaly.global.z"].tolist()
+    z = (GLOBAL.feature(f, {"coef": coef})[:4] - mean) / std
+    # one-sided: the term is weight * max(z, 0), so predicting 1 nat more lowers it by weight / std, down to 0
+    expected = GLOBAL.weight * (z.clamp(min=0) - (z - 1 / std).clamp(min=0))
+    torch.testing.assert_close(delta, expected)
+    assert (delta > 0).any()
 
 
 def test_compressed_length_is_higher_for_noise_than_for_flat_images() -> None:
@@ -224,7 +244,7 @@ def test_the_orientation_detector_compares_each_image_with_itself_upside_down(
         model: Glow, calibration: dict[str, torch.Tensor]) -> None:
     plain = AnomalyScorer(model, calibration)
     oriented = AnomalyScorer(model, calibration, orientation=True)
-    assert oriented.method == ORIENTED_METHOD != plain.method
+    assert oriented.method == method_name(rows_for(True)) != plain.method
     x = torch.cat([squares(4, seed=10), synthetic_tensor("uniform", 4)])
     x[:4, :, :2] = 255  # a bar along the top: the squares' flips have it at the bottom, so the two differ
     f = oriented.features(x)
@@ -232,11 +252,11 @@ def test_the_orientation_detector_compares_each_image_with_itself_upside_down(
     # each image's upside-down likelihood is its flip's likelihood, computed in the same batch
     torch.testing.assert_close(f.upside_down_log_likelihood, flipped.log_likelihood, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(f.log_likelihood, plain.features(x).log_likelihood, rtol=1e-5, atol=1e-3)
-    # the score is the plain one plus ORIENTATION_WEIGHT z-scores of (nats of x) - (nats of x upside down), >= 0
-    mean, std = calibration["anomaly.orientation_z"].tolist()
+    # the score is the plain one plus the weighted z-score of (nats of x) - (nats of x upside down), clamped at 0
+    mean, std = calibration["anomaly.orientation.z"].tolist()
     z = ((f.upside_down_log_likelihood - f.log_likelihood) - mean) / std
     assert (z > 0).any() and (z < 0).any()  # both sides of the clamp are exercised
-    expected = plain.score(x).anomaly_score + ORIENTATION_WEIGHT * z.clamp(min=0)
+    expected = plain.score(x).anomaly_score + ORIENTATION.weight * z.clamp(min=0)
     torch.testing.assert_close(oriented.score(x).anomaly_score, expected.clamp(max=1e6), rtol=1e-4, atol=1e-3)
     # percentiles and the threshold come from its own reference (the plain one plus the clamped term)
     assert torch.equal(oriented.reference, torch.sort(calibration[ORIENTED_REFERENCE_KEY].double()).values)
@@ -247,16 +267,18 @@ def test_the_orientation_detector_compares_each_image_with_itself_upside_down(
     torch.testing.assert_close(alone, oriented.score(x).anomaly_score, rtol=1e-4, atol=1e-4)
 
 
-def test_a_calibration_without_the_orientation_detector_serves_the_plain_score_only(
+def test_a_calibration_without_the_orientation_row_serves_the_default_rows_only(
         model: Glow, calibration: dict[str, torch.Tensor]) -> None:
-    older = {k: v for k, v in calibration.items() if k not in ORIENTATION_KEYS}
-    AnomalyScorer(model, older)  # checkpoints calibrated before detector 5 still serve
-    with pytest.raises(ValueError, match="python -m model.calibrate adds them"):
+    older = {k: v for k, v in calibration.items() if not k.startswith("anomaly.orientation.") and k != ORIENTED_REFERENCE_KEY}
+    AnomalyScorer(model, older)  # a calibration without the optional row serves the default rows
+    with pytest.raises(ValueError, match=r"lacks the rows \['orientation'\] \(python -m model.calibrate fits them\)"):
         AnomalyScorer(model, older, orientation=True)
-    with pytest.raises(ValueError, match="anomaly.orientation_z: the standard deviations must be finite and positive"):
-        AnomalyScorer(model, {**calibration, "anomaly.orientation_z": torch.tensor([1.0, 0.0])}, orientation=True)
-    with pytest.raises(ValueError, match="anomaly.z_std"):
-        AnomalyScorer(model, {**calibration, "anomaly.z_std": torch.full((4,), float("nan"))})
+    with pytest.raises(ValueError, match="anomaly.orientation.z must hold a finite mean and a positive standard"):
+        AnomalyScorer(model, {**calibration, "anomaly.orientation.z": torch.tensor([1.0, 0.0])}, orientation=True)
+    with pytest.raises(ValueError, match="anomaly.energy.z"):
+        AnomalyScorer(model, {**calibration, "anomaly.energy.z": torch.full((2,), float("nan"))})
+    with pytest.raises(ValueError, match="anomaly.global: fitted for another weight or sidedness"):
+        AnomalyScorer(model, {**calibration, "anomaly.global.row": torch.tensor([1.0, 0.0])})
 
 
 def test_the_orientation_detector_flags_images_the_wrong_way_up(model: Glow) -> None:

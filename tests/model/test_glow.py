@@ -65,11 +65,26 @@ def test_log_prob_is_change_of_variables_with_brute_force_jacobian() -> None:
 def test_flow_inverse_undoes_flow_forward_and_every_parameter_learns() -> None:
     model = tiny_glow(dtype=torch.float64).train()
     y = model.to_continuous(images(4), torch.rand(4, *TINY.image_shape, dtype=torch.float64))
-    latents, _ = model.flow_forward(y)
-    torch.testing.assert_close(model.flow_inverse(latents), y, rtol=0, atol=1e-10)
+    latents, logdet = model.flow_forward(y)
+    back, inverse_logdet = model.flow_inverse(latents)
+    torch.testing.assert_close(back, y, rtol=0, atol=1e-10)
+    torch.testing.assert_close(inverse_logdet, -logdet, rtol=1e-12, atol=1e-9)  # the whole inverse's log-det
     model.bits_per_dim(model(images(4), torch.rand(4, *TINY.image_shape, dtype=torch.float64))).mean().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("folded", [False, True], ids=["plain", "folded"])
+def test_each_level_inverse_returns_minus_its_forward_log_det(folded: bool) -> None:
+    model = tiny_glow(dtype=torch.float64)
+    model = model.fold() if folded else model
+    x = model.to_continuous(images(3))
+    for level in model.levels:
+        x_next, eps, logdet = level(x)
+        back, inverse_logdet = level.inverse(x_next, eps)
+        torch.testing.assert_close(back, x, rtol=0, atol=1e-10)
+        torch.testing.assert_close(inverse_logdet, -logdet, rtol=1e-12, atol=1e-9)
+        x = x_next
 
 
 def test_decode_of_encode_returns_the_same_pixels() -> None:

@@ -7,7 +7,7 @@ import torch
 from test_glow import TINY, images, tiny_glow
 
 from model.glow import GlowConfig
-from model.inference import Float64Fallback, FoldedGlow, TracedGlow
+from model.inference import TracedGlow
 
 CONFIGS = {
     "grey": TINY,
@@ -16,9 +16,9 @@ CONFIGS = {
 }
 TOLERANCE = 1e-4  # relative, on log-likelihoods: the issue's bound for any optimisation
 FORMS = {
-    "nchw": lambda model: FoldedGlow(model),
-    "channels_last": lambda model: FoldedGlow(model, channels_last=True),
-    "traced": lambda model: TracedGlow(FoldedGlow(model, channels_last=True)),  # traced at batch 8
+    "nchw": lambda model: model.fold(),
+    "channels_last": lambda model: model.fold(channels_last=True),
+    "traced": lambda model: TracedGlow(model.fold(channels_last=True)),  # traced at batch 8
 }
 
 
@@ -87,7 +87,7 @@ def test_batches_are_scored_like_single_images(form: str) -> None:
 
 def test_float64_models_fold_in_float64() -> None:
     model = tiny_glow(dtype=torch.float64)
-    folded = FoldedGlow(model)
+    folded = model.fold()
     x = images(4)
     with torch.inference_mode():
         reference, values = model.log_prob(x), folded.log_prob(x)
@@ -97,7 +97,7 @@ def test_float64_models_fold_in_float64() -> None:
 
 def test_folding_snapshots_the_parameters() -> None:
     model = tiny_glow()
-    folded = FoldedGlow(model)
+    folded = model.fold()
     x = images(4)
     with torch.inference_mode():
         before = folded.log_prob(x)
@@ -118,62 +118,22 @@ def test_refuses_what_the_model_refuses(form: str) -> None:
         folded.decode(torch.zeros(1, 3))
 
 
-def test_the_float64_fallback_recomputes_only_the_rows_float32_cannot_score() -> None:
+def test_the_fold_is_frozen_and_leaves_the_model_as_it_was() -> None:
     model = tiny_glow()
-    folded = FoldedGlow(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.inference_mode():  # folding inside inference mode still gives ordinary tensors
+        folded = model.fold(channels_last=True)
+    assert not any(p.requires_grad for p in folded.parameters()) and not folded.training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert model.dtype == folded.dtype == torch.float32
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in folded.parameters() if p.ndim == 4)
     x = images(4)
-
-    class Overflowing:
-        """The folded form, but float32 'overflows' on image 1 (its latents) and image 3 (its log-likelihood)."""
-
-        def log_prob_and_levels(self, x: torch.Tensor):
-            log_prob, latents, levels = folded.log_prob_and_levels(x)
-            latents[0][1] = float("inf")
-            log_prob[3] = float("nan")
-            return log_prob, latents, levels
-
-        def encode_with_log_prob(self, x: torch.Tensor):
-            z, log_prob = folded.encode_with_log_prob(x)
-            z[1, 0] = float("inf")
-            return z, log_prob
-
-    safe = Float64Fallback(Overflowing(), model)
-    with torch.inference_mode():
-        exact = safe.exact_model().log_prob_and_levels(x)
-        fast = folded.log_prob_and_levels(x)
-        log_prob, latents, levels = safe.log_prob_and_levels(x)
-        assert log_prob.dtype == torch.float64
-        for got, want_exact, want_fast in zip([log_prob, *latents, *levels], [exact[0], *exact[1], *exact[2]],
-                                              [fast[0], *fast[1], *fast[2]]):
-            torch.testing.assert_close(got[[1, 3]], want_exact[[1, 3]], rtol=1e-10, atol=1e-10)  # recomputed
-            assert torch.equal(got[[0, 2]], want_fast[[0, 2]].double())  # untouched
-        z, _ = safe.encode_with_log_prob(x)
-        torch.testing.assert_close(z[1], safe.exact_model().encode(x)[1], rtol=1e-10, atol=1e-10)
-        assert torch.equal(z[0], folded.encode(x)[0].double())
-        # a batch float32 scores comes back from the fast form as it is
-        plain = Float64Fallback(folded, model)
-        assert plain.log_prob_and_levels(x)[0].dtype == torch.float32
-        assert plain._exact is None  # no float64 copy made
+    with torch.no_grad():  # and it runs outside inference mode too
+        torch.testing.assert_close(folded.log_prob(x), model.log_prob(x), rtol=1e-4, atol=1e-3)
 
 
-def test_the_float64_fallback_takes_an_empty_batch_and_leaves_float64_outputs_alone() -> None:
-    model = tiny_glow()
-    safe = Float64Fallback(FoldedGlow(model), model)
-    with torch.inference_mode():
-        log_prob, latents, levels = safe.log_prob_and_levels(images(0))
-        z, _ = safe.encode_with_log_prob(images(0))
-    assert log_prob.shape == (0,) and z.shape == (0, model.latent_dim)
+def test_the_traced_form_scores_bin_centres_only() -> None:
+    traced = TracedGlow(tiny_glow().fold())
     x = images(2)
-    model64 = tiny_glow(dtype=torch.float64)
-    fast = model64.log_prob_and_levels(x)[0]
-
-    class NaNOnTheFirst:
-        def log_prob_and_levels(self, images: torch.Tensor):
-            out = fast.clone()
-            out[0] = float("nan")
-            self.output = out
-            return out, [], []
-
-    nan_first = NaNOnTheFirst()
-    log_prob, _, _ = Float64Fallback(nan_first, model64).log_prob_and_levels(x)
-    assert torch.isfinite(log_prob).all() and torch.isnan(nan_first.output[0])  # merged into a copy
+    with pytest.raises(ValueError, match="bin centres only"):
+        traced.log_prob(x, noise=torch.rand(x.shape))

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.anomaly import CALIBRATION_KEYS, METHOD, ORIENTATION_KEYS, ORIENTED_METHOD, AnomalyScorer
+from model.anomaly import LOG_LIKELIHOOD_FLOOR, SCORE_CAP, AnomalyScorer, method_name, rows_for
 from model.checkpoint import load_checkpoint
 from model.data import FASHION_MNIST_DIR, load_images
 from model.evaluate import bits_per_dim
-from model.inference import FoldedGlow
+from model.inference import TracedGlow
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = {
@@ -65,18 +65,36 @@ def test_the_folded_form_the_service_runs_matches_the_model(name: str) -> None:
     x = torch.from_numpy(load_images(data)[:64])
     with torch.inference_mode():
         reference = model.log_prob(x)
-        for channels_last in (False, True):
-            folded = FoldedGlow(model, channels_last=channels_last)
-            deviation = ((folded.log_prob(x) - reference).abs() / reference.abs()).max()
-            assert float(deviation) < 1e-4, f"channels_last={channels_last}: {float(deviation):.2e}"
-            assert torch.equal(folded.decode(folded.encode(x)), x)
+        for form in (model.fold(), TracedGlow(model.fold(channels_last=True))):
+            deviation = ((form.log_prob(x) - reference).abs() / reference.abs()).max()
+            assert float(deviation) < 1e-4, f"{type(form).__name__}: {float(deviation):.2e}"
+            assert torch.equal(form.decode(form.encode(x)), x)
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
-def test_the_calibration_serves_the_score_with_and_without_the_orientation_detector(name: str) -> None:
+def test_the_calibration_serves_the_score_with_and_without_the_orientation_row(name: str) -> None:
     checkpoint = load_checkpoint(shipped(name))
-    assert set(CALIBRATION_KEYS) | set(ORIENTATION_KEYS) <= set(checkpoint.calibration)
-    assert checkpoint.meta["anomaly"]["method"] == METHOD
-    for orientation, method in ((False, METHOD), (True, ORIENTED_METHOD)):
+    described = checkpoint.meta["anomaly"]
+    assert [row["name"] for row in described["rows"]] == [row.name for row in rows_for(True)]
+    for orientation in (False, True):
         scorer = AnomalyScorer(checkpoint.model, checkpoint.calibration, orientation=orientation)
-        assert scorer.method == method and scorer.reference.numel() == checkpoint.meta["anomaly"]["reference_size"]
+        assert scorer.method == method_name(rows_for(orientation)) and scorer.method in described["methods"]
+        assert scorer.reference.numel() == described["reference_size"]
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_a_one_pixel_checkerboard_follows_the_overflow_policy(name: str) -> None:
+    """Fashion-MNIST's latents pass float32's range on it (floor, cap, flagged); MNIST's stay finite."""
+    checkpoint = load_checkpoint(shipped(name))
+    board = ((torch.arange(28)[:, None] + torch.arange(28)[None, :]) % 2 * 255).to(torch.uint8)
+    x = torch.stack([board[None], 255 - board[None], torch.zeros(1, 28, 28, dtype=torch.uint8)])
+    for orientation in (False, True):
+        scorer = AnomalyScorer(checkpoint.model, checkpoint.calibration, orientation=orientation)
+        with torch.inference_mode():
+            f = scorer.features(x)
+            scores = scorer.score(x)
+        assert bool(f.overflow[0]) == (name == "fashion-mnist") and not bool(f.overflow[2])  # measured per model
+        overflowed = f.overflow.nonzero().flatten().tolist()
+        assert scores.log_likelihood[overflowed].eq(LOG_LIKELIHOOD_FLOOR).all()
+        assert scores.anomaly_score[overflowed].eq(SCORE_CAP).all() and scores.is_anomaly[overflowed].all()
+        assert torch.isfinite(scores.log_likelihood).all() and torch.isfinite(scores.bits_per_dim).all()

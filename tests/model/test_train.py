@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from model import train as trainer
-from model.anomaly import CALIBRATION_KEYS, ORIENTATION_KEYS, REFERENCE_KEY
+from model.anomaly import ORIENTATION, reference_key, rows_for
 from model.checkpoint import load_checkpoint
 from model.export import load_run
 from model.export import main as export_main
@@ -200,8 +200,9 @@ def test_export_writes_a_verified_checkpoint_and_card(data: Path, tmp_path: Path
     checkpoint = load_checkpoint(shipped)
     metrics = checkpoint.meta["metrics"]
     assert checkpoint.meta["training"]["steps"] == 60
-    assert set(checkpoint.calibration) == set(CALIBRATION_KEYS) | set(ORIENTATION_KEYS)
-    assert checkpoint.calibration[REFERENCE_KEY].shape == (16,)  # the second half of 32 validation images
+    assert {key.split(".")[1] for key in checkpoint.calibration if key.endswith(".z")} == {
+        row.name for row in rows_for(True)} and ORIENTATION in rows_for(True)
+    assert checkpoint.calibration[reference_key(rows_for(False))].shape == (16,)  # the second half of 32 images
     assert checkpoint.meta["dataset"]["val_count"] == 32
     assert metrics["test_bits_per_dim"] >= metrics["test_bits_per_dim_bin_centre"] - 0.5
     ema, _ = load_run(run)

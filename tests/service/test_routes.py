@@ -24,7 +24,8 @@ from fastapi import FastAPI
 from PIL import Image
 from service_testing import files, from_png, random_pixels, to_png
 
-from model.anomaly import METHOD, ORIENTED_METHOD, AnomalyScorer
+from model.anomaly import LOG_LIKELIHOOD_FLOOR, SCORE_CAP, AnomalyScorer, method_name, rows_for
+from model.glow import Glow
 from model.checkpoint import Checkpoint
 from service.app import create_app
 from service.settings import Settings
@@ -113,7 +114,8 @@ async def test_model_describes_the_checkpoint(client: httpx.AsyncClient, referen
     assert info["batching"] == {"max_batch_size": 8, "max_wait_ms": 1.0, "max_queue_size": 1024}
     assert info["latent_dim"] == reference.model.latent_dim == 784
     assert sum(c * h * w for c, h, w in info["latent_shapes"]) == 784
-    assert info["anomaly"]["method"] == METHOD and info["anomaly"]["reference_size"] == 8  # second half of 16
+    assert info["anomaly"]["method"] == "complexity+energy+level+global" and info["anomaly"]["reference_size"] == 8
+    assert "max(z, 0) of bits/dim less the image's lossless-WebP bits/dim" in info["anomaly"]["description"]
 
 
 # ------------------------------------------------------------------------ log-likelihood
@@ -129,7 +131,7 @@ async def test_log_likelihood_multipart_and_json_agree_with_the_model(
     assert multipart.json() == as_json.json()
     body = multipart.json()
     assert all(set(result) == SCORE_FIELDS for result in body["results"])
-    assert body["anomaly_method"] == METHOD and body["threshold"] == reference_scorer.threshold
+    assert body["anomaly_method"] == method_name(rows_for(False)) and body["threshold"] == reference_scorer.threshold
     first = body["results"][0]
     assert first["bits_per_dim"] == pytest.approx(-first["log_likelihood"] / (784 * np.log(2)))
     assert 0 <= first["percentile"] <= 100 and isinstance(first["is_anomaly"], bool)
@@ -144,7 +146,7 @@ async def test_the_orientation_option_scores_with_it_and_says_so(make_settings: 
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://service.test") as http:
             body = (await http.post("/log-likelihood", files=files([to_png(image) for image in images]))).json()
             info = (await http.get("/model")).json()
-    assert body["anomaly_method"] == info["anomaly"]["method"] == ORIENTED_METHOD
+    assert body["anomaly_method"] == info["anomaly"]["method"] == method_name(rows_for(True))
     assert body["threshold"] == info["anomaly"]["threshold"] == oriented.threshold
     expected = oriented.score(torch.from_numpy(np.stack(images))).anomaly_score.tolist()
     assert [r["anomaly_score"] for r in body["results"]] == pytest.approx(expected, rel=1e-4, abs=1e-4)
@@ -327,6 +329,34 @@ async def test_decode_of_encode_gives_back_the_same_pixels(client: httpx.AsyncCl
     assert response.status_code == 200
     decoded = [from_png(base64.b64decode(image)) for image in response.json()["images"]]
     assert all(np.array_equal(got, want) for got, want in zip(decoded, images, strict=True))
+
+
+async def test_images_that_overflow_float32_are_refused_by_encode_and_flagged_by_log_likelihood(
+        app, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The overflow policy (README): /encode 422 naming the images; /log-likelihood a finite floor, the cap, flagged."""
+    images = random_pixels(3, 10)
+    original = Glow.log_prob_and_levels
+
+    def overflowing(self: Glow, x: torch.Tensor, noise: torch.Tensor | None = None):
+        log_prob, latents, levels = original(self, x, noise)
+        if len(x) == 3:
+            latents[0][2] = float("inf")
+            log_prob[2] = -float("inf")
+        return log_prob, latents, levels
+
+    runner = app.state.service.runner
+    folded = runner.model.fold()  # eager: its log_prob_and_levels is Glow's, patched below
+    monkeypatch.setattr(runner, "_inference", folded)
+    monkeypatch.setattr(runner.scorer, "inference", folded)
+    monkeypatch.setattr(Glow, "log_prob_and_levels", overflowing)
+    response = await client.post("/encode", files=files([to_png(image) for image in images]))
+    assert response.status_code == 422 and response.json()["detail"].startswith("images [2]: their latents overflow")
+    response = await client.post("/log-likelihood", files=files([to_png(image) for image in images]))
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert (results[2]["log_likelihood"], results[2]["anomaly_score"]) == (LOG_LIKELIHOOD_FLOOR, SCORE_CAP)
+    assert results[2]["is_anomaly"] and results[2]["percentile"] == 100
+    assert all(r["anomaly_score"] < SCORE_CAP for r in results[:2])
 
 
 def latent_body(values: str, count: int = 784) -> dict:

@@ -13,10 +13,11 @@ import pytest
 import torch
 from service_testing import SHAPE, random_pixels
 
-from model.anomaly import ORIENTATION_KEYS, ORIENTED_METHOD, AnomalyScorer, compressed_bits_per_dim
+from model.anomaly import LOG_LIKELIHOOD_FLOOR, AnomalyScorer, compressed_bits_per_dim, method_name, rows_for
 from model.checkpoint import Checkpoint, CheckpointError, save_checkpoint
 from model.device import DeviceUnavailable, resolve_device
-from model.inference import FoldedGlow, TracedGlow
+from model.glow import Glow
+from model.inference import TracedGlow
 from service.runner import ModelRunner, Scorable
 
 
@@ -29,13 +30,13 @@ def runner(tiny_checkpoint: Path) -> Iterator[ModelRunner]:
 
 
 def test_batches_run_through_the_checked_torchscript_form(runner: ModelRunner) -> None:
-    assert runner.form == "torchscript" and isinstance(runner.inference.fast, TracedGlow)
+    assert runner.form == "torchscript" and isinstance(runner.inference, TracedGlow)
 
 
 def test_torchscript_can_be_turned_off(tiny_checkpoint: Path) -> None:
     eager = ModelRunner(tiny_checkpoint, "cpu", torchscript=False)
     eager.load()
-    assert eager.form == "eager" and isinstance(eager.inference.fast, FoldedGlow)
+    assert eager.form == "eager" and type(eager.inference) is Glow
 
 
 def test_graphs_that_disagree_are_not_served(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
@@ -47,7 +48,7 @@ def test_graphs_that_disagree_are_not_served(tiny_checkpoint: Path, monkeypatch:
     monkeypatch.setattr("service.runner.TracedGlow", WrongGraphs)
     fallback = ModelRunner(tiny_checkpoint, "cpu")
     fallback.load()
-    assert fallback.form == "eager" and isinstance(fallback.inference.fast, FoldedGlow)
+    assert fallback.form == "eager" and type(fallback.inference) is Glow
     assert "TorchScript form unusable (RuntimeError: log-likelihoods deviate" in caplog.text
     assert len(fallback.score_batch(fallback.scorable(random_pixels(2, 0)))) == 2
 
@@ -73,7 +74,7 @@ def test_the_orientation_detector_is_served_when_asked_for(tiny_checkpoint: Path
     oriented = ModelRunner(tiny_checkpoint, "cpu", anomaly_orientation=True)
     oriented.load()
     expected = AnomalyScorer(reference.model, reference.calibration, orientation=True)
-    assert oriented.scorer.method == ORIENTED_METHOD and oriented.scorer.threshold == expected.threshold
+    assert oriented.scorer.method == method_name(rows_for(True)) and oriented.scorer.threshold == expected.threshold
     images = random_pixels(3, 1)
     got = [s.anomaly_score for s in oriented.score_batch(oriented.scorable(images))]
     want = expected.score(torch.from_numpy(np.stack(images))).anomaly_score.tolist()
@@ -82,10 +83,11 @@ def test_the_orientation_detector_is_served_when_asked_for(tiny_checkpoint: Path
 
 
 def test_orientation_on_a_checkpoint_calibrated_without_it_is_refused(tmp_path: Path, reference: Checkpoint) -> None:
-    older = {k: v for k, v in reference.calibration.items() if k not in ORIENTATION_KEYS}
+    older = {k: v for k, v in reference.calibration.items()
+             if not k.startswith("anomaly.orientation.") and k != "anomaly.reference." + method_name(rows_for(True))}
     save_checkpoint(reference.model, tmp_path, {"name": "older"}, older)
     ModelRunner(tmp_path, "cpu").load()  # the plain score still serves
-    with pytest.raises(CheckpointError, match="lacks .*python -m model.calibrate adds them"):
+    with pytest.raises(CheckpointError, match="lacks the rows .*python -m model.calibrate fits them"):
         ModelRunner(tmp_path, "cpu", anomaly_orientation=True).load()
 
 
@@ -104,12 +106,12 @@ def test_the_compression_is_measured_where_scorable_runs(runner: ModelRunner, re
     expected = compressed_bits_per_dim(torch.from_numpy(np.stack(images))).tolist()
     assert [item.complexity for item in items] == expected and all(i.pixels is p for i, p in zip(items, images))
     assert runner.scorable([]) == []
-    # the complexity given is the complexity used: a different one moves the anomaly score
-    shifted = [Scorable(item.pixels, item.complexity + 1.0) for item in items]
+    # the complexity given is the complexity used: a lower one raises the (one-sided) complexity row's term
+    shifted = [Scorable(item.pixels, item.complexity - 1.0) for item in items]
     assert [s.log_likelihood for s in runner.score_batch(shifted)] == [
         s.log_likelihood for s in runner.score_batch(items)
     ]
-    assert all(a.anomaly_score != b.anomaly_score
+    assert all(a.anomaly_score > b.anomaly_score
                for a, b in zip(runner.score_batch(shifted), runner.score_batch(items)))
 
 
@@ -155,22 +157,36 @@ def test_a_missing_checkpoint_is_one_clear_error(tmp_path: Path) -> None:
     assert not missing.loaded
 
 
-def test_encode_recomputes_float32_overflows_in_float64(runner: ModelRunner, reference: Checkpoint,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_encode_marks_images_whose_latents_overflow_and_floors_their_log_likelihood(
+        runner: ModelRunner, monkeypatch: pytest.MonkeyPatch) -> None:
     images = random_pixels(3, 2)
-    exact = copy.deepcopy(reference.model).double().encode_with_log_prob(torch.from_numpy(np.stack(images)))[1]
-    fast = runner.inference.fast
-    monkeypatch.setattr(runner.inference, "_exact", None)  # the float64 copy is made in the call, as when served
+    form = runner.inference
 
-    class OverflowsOnTheThird:
+    class Overflowing(TracedGlow):
+        """float32 overflows on image 1 (its latents) and image 2 (its log-likelihood only)."""
+
+        def __init__(self) -> None:  # the served form's graphs, as they are
+            pass
+
         def encode_with_log_prob(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            z, log_prob = fast.encode_with_log_prob(x)
-            log_prob = log_prob.clone()
-            log_prob[2] = float("nan")
+            z, log_prob = form.encode_with_log_prob(x)
+            z, log_prob = z.clone(), log_prob.clone()
+            z[1, 5], log_prob[1], log_prob[2] = float("inf"), -float("inf"), float("nan")
             return z, log_prob
 
-    monkeypatch.setattr(runner.inference, "fast", OverflowsOnTheThird())
+    monkeypatch.setattr(runner, "_inference", Overflowing())
     encoded = asyncio.run(runner.call(runner.encode_batch, images))  # in the worker thread, under inference mode
-    assert all(np.isfinite(e.log_likelihood) for e in encoded)
-    assert encoded[2].log_likelihood == pytest.approx(exact[2].item(), rel=1e-12)  # float64's value, not float32's
-    assert encoded[0].log_likelihood != pytest.approx(exact[0].item(), rel=1e-12)  # the others: the fast form's
+    assert encoded[0].latent is not None and np.isfinite(encoded[0].latent).all() and encoded[1].latent is None
+    assert encoded[2].latent is not None
+    assert [e.log_likelihood for e in encoded[1:]] == [LOG_LIKELIHOOD_FLOOR] * 2
+    assert np.isfinite(encoded[0].log_likelihood) and encoded[0].log_likelihood > LOG_LIKELIHOOD_FLOOR
+
+
+def test_the_plain_model_runs_under_inference_mode_and_after_it(reference: Checkpoint) -> None:
+    model = copy.deepcopy(reference.model)
+    x = torch.from_numpy(np.stack(random_pixels(2, 4)))
+    with torch.inference_mode():
+        expected = model.log_prob(x)
+    loss = -model.log_prob(x).mean()  # with autograd on, after inference mode
+    loss.backward()
+    torch.testing.assert_close(-loss.detach(), expected.mean())
