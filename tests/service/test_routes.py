@@ -66,31 +66,37 @@ def named(make_settings: Callable[..., Settings], tiny_checkpoint: Path) -> Call
 
 
 @asynccontextmanager
-async def serving(app: FastAPI, prefix: str) -> AsyncIterator[httpx.AsyncClient]:
-    """A client of the started app whose requests to the model endpoints go to ``prefix`` + the endpoint."""
+async def prefixed(app: FastAPI, prefix: str) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of a started app whose requests to the model endpoints go to ``prefix`` + the endpoint."""
 
     async def route(request: httpx.Request) -> None:
         if request.url.path in MODEL_PATHS:
             request.url = request.url.copy_with(path=prefix + request.url.path)
 
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://service.test",
-                                     event_hooks={"request": [route]}) as http:
-            yield http
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://service.test",
+                                 event_hooks={"request": [route]}) as http:
+        yield http
 
 
 @pytest.fixture
-async def client(named: Callable[..., Settings], prefix: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with serving(create_app(named()), prefix) as http:
+async def app(named: Callable[..., Settings]) -> AsyncIterator[FastAPI]:
+    """A started app serving the tiny checkpoint as ``mnist``."""
+    application = create_app(named())
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture
+async def client(app: FastAPI, prefix: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with prefixed(app, prefix) as http:
         yield http
 
 
 @pytest.fixture
 async def limited(named: Callable[..., Settings], prefix: str) -> AsyncIterator[httpx.AsyncClient]:
     """A client of an app with small limits: 3 images per request, 64 KiB bodies, n <= 4."""
-    async with serving(create_app(named(max_images_per_request=3, max_body_bytes=65536, max_sample_n=4)),
-                       prefix) as http:
+    limited_app = create_app(named(max_images_per_request=3, max_body_bytes=65536, max_sample_n=4))
+    async with limited_app.router.lifespan_context(limited_app), prefixed(limited_app, prefix) as http:
         yield http
 
 
@@ -344,7 +350,7 @@ async def test_images_that_overflow_float32_are_refused_by_encode_and_flagged_by
             log_prob[2] = -float("inf")
         return log_prob, latents, levels
 
-    runner = app.state.service.runner
+    runner = app.state.service.default.runner
     folded = runner.model.fold()  # eager: its log_prob_and_levels is Glow's, patched below
     monkeypatch.setattr(runner, "_inference", folded)
     monkeypatch.setattr(runner.scorer, "inference", folded)
