@@ -84,14 +84,20 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
     && pip install -c constraints.txt -r /tmp/requirements.txt \
     && pip check
 
-# Layer 3, the project itself (no dependencies left to resolve).
+# Layer 3, the shipped checkpoints, made readable by every user whatever their mode in
+# the working tree (the exporter writes its files 0600) and writable by none but root;
+# before the project, which installs them as package data too (pyproject.toml, glow_weights).
+COPY weights ./weights
+RUN chmod -R a+rX,go-w weights
+
+# Layer 4, the project itself (no dependencies left to resolve).
 COPY README.md ./
 COPY model ./model
 COPY service ./service
 RUN pip install --no-deps . \
     && python -c "import torch, service, model; print('torch', torch.__version__)"
 
-# Layer 4, what serving does not use, out of the virtualenv: pip and setuptools (installs
+# Layer 5, what serving does not use, out of the virtualenv: pip and setuptools (installs
 # happen at build time; torch needs setuptools only to compile extensions); sympy, mpmath
 # and networkx, which torch imports only for torch.compile and symbolic shapes (neither
 # loading, tracing nor serving the model imports them: torch.compile is unavailable in this
@@ -107,11 +113,6 @@ RUN pip uninstall -y -q setuptools sympy mpmath networkx \
         "$site"/torch/lib/libshm_windows /opt/venv/bin/pip* \
     && python -c "import torch, safetensors, fastapi, uvicorn, PIL, service.app, model.train, model.export; \
 print('pruned: imports ok')"
-
-# Layer 5, the shipped checkpoints, made readable by every user whatever their mode in
-# the working tree (the exporter writes its files 0600) and writable by none but root.
-COPY weights ./weights
-RUN chmod -R a+rX,go-w weights
 
 # ---------------------------------------------------------------- runtime: venv + weights
 FROM ${PYTHON_IMAGE} AS runtime

@@ -1,6 +1,8 @@
 """Export a training run as a shippable checkpoint: ``python -m model.export --run RUN --output DIR``.
 
-Takes the run's EMA weights, measures bits/dim on the train, validation and test
+Takes the run's EMA weights, reads the run's data as it was recorded (checked against
+its manifest; the validation split by its recorded indices; test images read with the
+same channels and size), measures bits/dim on the train, validation and test
 images (dequantised with a recorded seed, and at bin centres), stores the
 validation split's anomaly scores as the calibration reference, and writes
 ``glow.safetensors`` + ``glow.json`` (see ``model.checkpoint``), then the model card
@@ -21,7 +23,7 @@ from model.anomaly import calibrate
 from model.calibrate import ProvenanceError, anomaly_meta, check_training_file
 from model.card import write_card
 from model.checkpoint import parameter_count, read_sidecar, read_tensors, save_checkpoint
-from model.data import fingerprint, load_images, split_validation
+from model.data import DataError, compact_record, fingerprint, load_dataset, load_images, reopen, split_validation
 from model.device import DeviceUnavailable, exact_float32, resolve_device
 from model.evaluate import bits_per_dim
 from model.glow import Glow, GlowConfig
@@ -47,10 +49,24 @@ def hardware(info: dict[str, Any]) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {info.get('threads', '?')} threads x {info.get('world_size', 1)} process(es)"
 
 
+def reopen_like(record: dict[str, Any], test: Path) -> Any:
+    """Test images read as the training data was (channels, size, fit)."""
+    return load_dataset(test, record["channels"], record["image_size"], record["fit"]).images
+
+
+def validation_text(record: dict[str, Any] | None, count: int) -> str:
+    if not record:
+        return f"the last {count} training images, held out from training"
+    split = record["split"]
+    how = "stratified by label" if split["stratified"] else "uniformly"
+    return f"{count} training images drawn {how} with seed {split['seed']}, held out from training"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m model.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", type=Path, required=True, help="training run folder (state.safetensors, log.jsonl)")
-    p.add_argument("--train", type=Path, required=True, help="the training images the run used")
+    p.add_argument("--train", type=Path, default=None,
+                   help="the training images the run used (default: where they were; checked against its manifest)")
     p.add_argument("--test", type=Path, required=True, help="test images to report bits/dim on")
     p.add_argument("--output", type=Path, required=True, help="checkpoint folder to write")
     p.add_argument("--name", default=None, help="model name (default: glow-<dataset>)")
@@ -60,17 +76,31 @@ def main(argv: list[str] | None = None) -> int:
 
     model, info = load_run(args.run)
     try:
-        check_training_file(args.train, info.get("dataset_sha256"))
         device = resolve_device(args.device)
-    except (ProvenanceError, ValueError, DeviceUnavailable) as exc:
+    except (ValueError, DeviceUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     model.to(device)
     exact_float32(device)
-    train_images, val_images = split_validation(load_images(args.train), info["val_count"])
-    test_images = load_images(args.test)
+    record = info.get("data")
+    try:
+        if record:
+            data, train_index, val_index = reopen(record, args.train)
+            train_images, val_images = data.images[train_index], data.images[val_index]
+            train_path = Path(args.train or record["source"])
+            test_images = reopen_like(record, args.test)
+        elif args.train is None:
+            raise DataError(f"{args.run} records no data: give --train")
+        else:
+            check_training_file(args.train, info.get("dataset_sha256"))
+            train_images, val_images = split_validation(load_images(args.train), info["val_count"])
+            train_path, test_images = args.train, load_images(args.test)
+    except (DataError, ProvenanceError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     dataset = info["dataset_name"]
-    print(f"scoring {len(test_images)} test, {len(val_images)} validation, {TRAIN_SUBSET} training images", file=sys.stderr)
+    print(f"scoring {len(test_images)} test, {len(val_images)} validation, {min(TRAIN_SUBSET, len(train_images))}"
+          " training images", file=sys.stderr)
     test = bits_per_dim(model, test_images, seed=args.seed)
     val = bits_per_dim(model, val_images, seed=args.seed)
     train = bits_per_dim(model, train_images[:TRAIN_SUBSET], seed=args.seed)
@@ -81,10 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         "name": args.name or f"glow-{dataset}",
         "dataset": {
             "name": dataset,
-            "train_files": fingerprint([args.train]),
-            "test_files": fingerprint([args.test]),
-            "validation": f"the last {info['val_count']} training images, held out from training",
-            "val_count": info["val_count"],
+            "train_files": fingerprint([train_path]) if train_path.is_file() else {},
+            "test_files": fingerprint([args.test]) if args.test.is_file() else {},
+            "validation": validation_text(record, len(val_images)),
+            "val_count": len(val_images),
+            **({"data": compact_record(record)} if record else {}),
         },
         "metrics": {
             "test_bits_per_dim": test.dequantized,

@@ -44,12 +44,17 @@ from torch import nn
 from tqdm import tqdm
 
 from model.checkpoint import CheckpointError, read_tensors, save_tensors, write_json
-from model.data import FASHION_MNIST_DIR, DataError, fingerprint, load_images, split_validation
+from model.architecture import default_architecture
+from model.data import (
+    FASHION_MNIST_DIR, FITS, DataError, data_record, fingerprint, load_dataset, load_images, reopen, split_indices,
+    split_validation,
+)
 from model.device import DeviceUnavailable, resolve_device
 from model.evaluate import BitsPerDim, bits_per_dim
 from model.glow import Glow, GlowConfig
 
 STATE_FILE = "state.safetensors"
+DEFAULT_VAL_COUNT = 5000
 LOG_FILE = "log.jsonl"
 MAX_BAD_STEPS = 20  # consecutive non-finite losses before the run stops
 
@@ -172,14 +177,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n\n")[0])
     data = p.add_argument_group("data")
     data.add_argument("--train", type=Path, default=FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz",
-                      help="training images: IDX (.gz or raw), .npz with 'images', or a folder of PNG/JPEG")
-    data.add_argument("--val-count", type=int, default=5000,
-                      help="the last N training images are held out for validation and calibration")
+                      help="training images: IDX (.gz or raw), .npz with 'images' (and 'labels'), or a folder of"
+                      " PNG/JPEG/WebP (recursive; class subfolders are labels)")
+    data.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                      help="1 (grey) or 3 (RGB); default: inferred from the data (stated in the log)")
+    data.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                      help="bring every image to H x W by --fit (default: all images must share one size)")
+    data.add_argument("--fit", choices=FITS, default="scale-crop",
+                      help="how --image-size is reached: scale-crop (keep the aspect ratio, crop the centre) or resize")
+    data.add_argument("--val-count", type=int, default=None,
+                      help="images held out for validation and calibration, drawn by --val-seed (stratified when"
+                      f" the data has labels); default: {DEFAULT_VAL_COUNT}, or a tenth of smaller data sets")
+    data.add_argument("--val-seed", type=int, default=0, help="seed of the validation draw (recorded with the run)")
     data.add_argument("--dataset-name", default="fashion-mnist")
-    arch = p.add_argument_group("architecture (fixed at the start of a run)")
-    arch.add_argument("--levels", type=int, default=2)
-    arch.add_argument("--steps", type=int, default=16, help="flow steps per level (K)")
-    arch.add_argument("--hidden", type=int, default=64, help="coupling network width")
+    arch = p.add_argument_group("architecture (fixed at the start of a run; defaults from the image size, see"
+                                " model/architecture.py)")
+    arch.add_argument("--levels", type=int, default=None)
+    arch.add_argument("--steps", type=int, default=None, help="flow steps per level (K)")
+    arch.add_argument("--hidden", type=int, default=None, help="coupling network width")
     arch.add_argument("--n-bits", type=int, default=8)
     opt = p.add_argument_group("optimisation")
     defaults = TrainSettings()
@@ -249,13 +264,32 @@ class TrainData:
 
     train: torch.Tensor
     val: np.ndarray
-    sha256: dict[str, str]  # the file read, recorded with every state
+    # how the data was read, its manifest and the validation indices (``model.data.data_record``); None for a run
+    # started before data records, which holds out the last ``val_count`` images
+    record: dict[str, Any] | None
 
 
-def load_data(path: Path, val_count: int) -> TrainData:
-    """Read the images and hold out the last ``val_count`` (the split ``model.export`` calibrates on)."""
-    train, val = split_validation(load_images(path), val_count)
-    return TrainData(torch.from_numpy(train), val, fingerprint([path]))
+def load_data(args: argparse.Namespace, previous: dict[str, Any] | None) -> TrainData:
+    """The images and the validation split: the recorded ones when resuming (checked against the manifest),
+    else read by the data flags and drawn with ``--val-seed``."""
+    if previous is not None and not previous.get("data"):
+        train, val = split_validation(load_images(args.train), previous["val_count"])
+        return TrainData(torch.from_numpy(train), val, None)
+    if previous is not None:
+        dataset, train_index, val_index = reopen(previous["data"], args.train)
+        return TrainData(torch.from_numpy(dataset.images[train_index]), dataset.images[val_index], previous["data"])
+    size = tuple(args.image_size) if args.image_size else None
+    dataset = load_dataset(args.train, args.channels, size, args.fit)
+    count, channels = len(dataset.images), dataset.images.shape[1]
+    val_count = args.val_count if args.val_count is not None else min(DEFAULT_VAL_COUNT, max(1, count // 10))
+    train_index, val_index = split_indices(count, val_count, args.val_seed, dataset.labels)
+    how = "inferred from the data" if dataset.channels_inferred else "as asked"
+    stratified = ", stratified by label" if dataset.labels is not None else ""
+    print(f"data: {count} images of {'x'.join(map(str, dataset.images.shape[1:]))} ({channels} channel"
+          f"{'s' if channels > 1 else ''}, {how}); {val_count} held out for validation (seed {args.val_seed}"
+          f"{stratified})", file=sys.stderr)
+    record = data_record(args.train, dataset, size, args.fit, args.val_seed, val_index)
+    return TrainData(torch.from_numpy(dataset.images[train_index]), dataset.images[val_index], record)
 
 
 def previous_run(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -270,14 +304,19 @@ def previous_run(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def run_setup(args: argparse.Namespace, previous: dict[str, Any] | None, data: TrainData,
               world: int) -> tuple[GlowConfig, TrainSettings]:
-    """The architecture (the state's when resuming, else the flags') and the optimisation settings
-    (the state's or the defaults, with every flag given taking precedence)."""
+    """The architecture (the state's when resuming, else the flags' over ``model.architecture``'s defaults for the
+    image size) and the optimisation settings (the state's or the defaults, with every flag given taking precedence)."""
     image_shape = tuple(data.train.shape[1:])
     if previous is not None:
         config = GlowConfig.from_dict(previous["config"])
         settings = TrainSettings(**previous["settings"])
     else:
-        config = GlowConfig(image_shape, args.levels, args.steps, args.hidden, args.n_bits)  # type: ignore[arg-type]
+        try:
+            arch = default_architecture(image_shape[1], image_shape[2], args.levels, args.steps, args.hidden)
+        except ValueError as exc:
+            raise DataError(f"{args.train}: {exc}") from None
+        config = GlowConfig(image_shape, arch.levels, arch.steps_per_level,  # type: ignore[arg-type]
+                            arch.hidden_channels, args.n_bits)
         settings = TrainSettings()
     for name in asdict(settings):
         if getattr(args, name) is not None:
@@ -497,23 +536,27 @@ def train(args: argparse.Namespace, argv: list[str] | None) -> int:
         torch.set_num_threads(args.threads)
     previous = previous_run(args)
     dataset_name = previous["dataset_name"] if previous is not None else args.dataset_name  # fixed for the run
-    val_count = previous["val_count"] if previous is not None else args.val_count
-    data = load_data(args.train, val_count)
+    data = load_data(args, previous)
     config, settings = run_setup(args, previous, data, cluster.world)
     state_path = args.output / STATE_FILE
+    sha256 = fingerprint([args.train]) if data.record is None else None  # runs from before data records
     if previous is not None:
         state = resumed_state(config, settings, state_path, cluster.device)
-        if previous.get("dataset_sha256") != data.sha256:
+        if sha256 is not None and previous.get("dataset_sha256") != sha256:
             print(f"warning: {args.train} differs from the data the run started on", file=sys.stderr)
     else:
         state = fresh_state(config, settings, data, cluster.device)
+        if cluster.lead:
+            print(f"model: {config.levels} levels x {config.steps_per_level} steps, width {config.hidden_channels},"
+                  f" on {'x'.join(map(str, config.image_shape))} images", file=sys.stderr)
     if cluster.world > 1:
         state.network = nn.parallel.DistributedDataParallel(state.model)
     if args.stop_at is not None and args.stop_at <= state.step:
         raise SystemExit(f"--stop-at {args.stop_at}: the run is already at step {state.step}")
     end = settings.max_steps if args.stop_at is None else min(args.stop_at, settings.max_steps)
     record = {"config": config.to_dict(), "settings": asdict(settings), "dataset_name": dataset_name,
-              "dataset_sha256": data.sha256, "val_count": val_count, **provenance(argv, previous),
+              **({"data": data.record} if data.record else {"dataset_sha256": sha256}), "val_count": len(data.val),
+              **provenance(argv, previous),
               "world_size": cluster.world, "device": str(cluster.device)}
     run = Run(cluster, data, config, settings, state_path, end, record)
     stop = StopRequest()

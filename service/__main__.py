@@ -25,9 +25,8 @@ import uvicorn
 
 from model.checkpoint import CheckpointError
 from model.device import DeviceUnavailable
-from service.app import create_app
+from service.app import create_app, runners_for
 from service.protocol import guarded_protocol
-from service.runner import ModelRunner
 from service.settings import Settings, SettingsError
 from service.state import ServiceState
 from service.tuning import tune_process
@@ -70,19 +69,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
     tune_process(settings)  # before the model loads; create_app applies it again (idempotent)
-    runner = ModelRunner(settings.weights, settings.device, settings.anomaly_fpr, settings.torchscript,
-                         settings.anomaly_orientation)
     try:
-        runner.load()
-    except (CheckpointError, DeviceUnavailable) as exc:
+        runners = runners_for(settings)
+    except ValueError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
-        return 1
+        return 2
+    for name, runner in runners.items():
+        try:
+            runner.load()
+        except (CheckpointError, DeviceUnavailable) as exc:
+            which = f"model {name!r}: " if len(runners) > 1 else ""
+            print(f"{PROG}: {which}{exc}", file=sys.stderr)
+            return 1
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # uvicorn restores these handlers after its own graceful shutdown and re-raises the
     # signal it caught: with the default handlers a clean SIGTERM would end as "killed".
     signal.signal(signal.SIGTERM, _exit_cleanly)
     signal.signal(signal.SIGINT, _exit_cleanly)
-    app = create_app(settings, runner)
+    app = create_app(settings, runners)
     config = uvicorn.Config(
         app,
         host=settings.host,

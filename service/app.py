@@ -1,6 +1,6 @@
-"""``create_app(settings)``: the FastAPI app of one checkpoint, with its lifespan, errors and middleware.
+"""``create_app(settings)``: the FastAPI app of one or more checkpoints, with its lifespan, errors and middleware.
 
-The lifespan loads the checkpoint (unless the runner given was loaded beforehand, as
+The lifespan loads every checkpoint (unless the runners given were loaded beforehand, as
 ``python -m service`` does so that a bad checkpoint stops it before it listens),
 warms the model up and starts the batchers; only then does ``/readyz`` answer 200.
 On shutdown readiness turns 503, new work is refused with 503, and everything queued
@@ -11,7 +11,7 @@ Every error is JSON ``{"detail": ...}`` with the contract's status code.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
@@ -30,7 +30,7 @@ from service.middleware import (
     RequestContextMiddleware,
 )
 from service.pages import add_pages
-from service.routes import RETRY_AFTER_S, ClientDisconnected, router
+from service.routes import RETRY_AFTER_S, ClientDisconnected, named_router, router
 from service.runner import ModelRunner
 from service.schemas import describe_errors
 from service.settings import Settings
@@ -44,13 +44,23 @@ base64 strings; errors are `{"detail": "..."}`; every response carries `X-Reques
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away; never reaches the client
 
 
-def create_app(settings: Settings, runner: ModelRunner | None = None) -> FastAPI:
-    """The app serving ``settings.weights`` (or the given runner's checkpoint), the process tuned for it."""
+def runners_for(settings: Settings) -> dict[str, ModelRunner]:
+    """A runner (not yet loaded) per model of ``settings.weights``, by name, the default first."""
+    return {
+        spec.name: ModelRunner(spec.path, settings.device, settings.anomaly_fpr, settings.torchscript,
+                               settings.anomaly_orientation)
+        for spec in settings.models
+    }
+
+
+def create_app(settings: Settings, runners: Mapping[str, ModelRunner] | ModelRunner | None = None) -> FastAPI:
+    """The app serving ``settings.weights``, or the given runners by name (a lone runner: under the first name),
+    the process tuned for it."""
     tune_process(settings)
-    runner = runner or ModelRunner(settings.weights, settings.device, settings.anomaly_fpr, settings.torchscript,
-                                   settings.anomaly_orientation)
+    if isinstance(runners, ModelRunner):
+        runners = {settings.models[0].name: runners}
     metrics = Metrics(settings.max_batch_size)
-    state = ServiceState(settings, runner, metrics)
+    state = ServiceState(settings, runners or runners_for(settings), metrics)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -64,6 +74,7 @@ def create_app(settings: Settings, runner: ModelRunner | None = None) -> FastAPI
                   docs_url=None, redoc_url=None)  # /docs from the app's own files (service.pages)
     app.state.service = state
     app.include_router(router)
+    app.include_router(named_router)
     add_pages(app)
     add_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, cap_for=state.body_cap, body_timeout_s=settings.body_timeout_s)

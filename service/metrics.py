@@ -1,4 +1,8 @@
-"""Prometheus collectors of one app, in a registry of its own (so apps in one process never collide)."""
+"""Prometheus collectors of one app, in a registry of its own (so apps in one process never collide).
+
+Every collector carries a ``model`` label: the name a model is served under (empty for
+requests that reach no model, such as ``/healthz``).
+"""
 
 from __future__ import annotations
 
@@ -21,52 +25,54 @@ class Metrics:
     def __init__(self, max_batch_size: int) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "glow_requests", "HTTP requests by endpoint and status code", ["endpoint", "status"], registry=self.registry
+            "glow_requests", "HTTP requests by model, endpoint and status code", ["model", "endpoint", "status"],
+            registry=self.registry
         )
         self.latency = Histogram(
             "glow_request_latency_seconds",
             "HTTP request latency, first byte in to last byte out",
-            ["endpoint"],
+            ["model", "endpoint"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.queue_wait = Histogram(
             "glow_queue_wait_seconds",
             "time a request waited in its operation's queue before its first item ran",
-            ["operation"],
+            ["model", "operation"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.batch_size = Histogram(
             "glow_batch_size",
             "items (images or latents) per model call",
-            ["operation"],
+            ["model", "operation"],
             buckets=batch_size_buckets(max_batch_size),
             registry=self.registry,
         )
         self.batch_latency = Histogram(
             "glow_batch_latency_seconds",
             "time of one model call on a batch",
-            ["operation"],
+            ["model", "operation"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.queue_depth = Gauge(
-            "glow_queue_depth", "items waiting in each operation's queue", ["operation"], registry=self.registry
+            "glow_queue_depth", "items waiting in each operation's queue", ["model", "operation"],
+            registry=self.registry
         )
-        self.model = Info("glow_model", "the checkpoint being served", registry=self.registry)
+        self.model = Info("glow_model", "each checkpoint being served", ["model"], registry=self.registry)
 
-    def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
-        self.requests.labels(endpoint=endpoint, status=str(status)).inc()
-        self.latency.labels(endpoint=endpoint).observe(seconds)
+    def observe_request(self, endpoint: str, status: int, seconds: float, model: str = "") -> None:
+        self.requests.labels(model=model, endpoint=endpoint, status=str(status)).inc()
+        self.latency.labels(model=model, endpoint=endpoint).observe(seconds)
 
-    def track_queue_depth(self, operation: str, depth: Callable[[], float]) -> None:
-        """Report ``depth()`` as the queue depth of ``operation`` at every scrape."""
-        self.queue_depth.labels(operation=operation).set_function(depth)
+    def track_queue_depth(self, model: str, operation: str, depth: Callable[[], float]) -> None:
+        """Report ``depth()`` as the queue depth of ``model``'s ``operation`` at every scrape."""
+        self.queue_depth.labels(model=model, operation=operation).set_function(depth)
 
-    def listener(self, operation: str) -> BatchMetrics:
-        """A batcher listener that records into this app's histograms under ``operation``."""
-        return BatchMetrics(self, operation)
+    def listener(self, model: str, operation: str) -> BatchMetrics:
+        """A batcher listener that records into this app's histograms under ``model`` and ``operation``."""
+        return BatchMetrics(self, model, operation)
 
     def exposition(self) -> bytes:
         """The Prometheus text exposition of every collector."""
@@ -76,10 +82,10 @@ class Metrics:
 class BatchMetrics:
     """The :class:`service.batcher.BatchListener` of one operation."""
 
-    def __init__(self, metrics: Metrics, operation: str) -> None:
-        self._queue_wait = metrics.queue_wait.labels(operation=operation)
-        self._batch_size = metrics.batch_size.labels(operation=operation)
-        self._batch_latency = metrics.batch_latency.labels(operation=operation)
+    def __init__(self, metrics: Metrics, model: str, operation: str) -> None:
+        self._queue_wait = metrics.queue_wait.labels(model=model, operation=operation)
+        self._batch_size = metrics.batch_size.labels(model=model, operation=operation)
+        self._batch_latency = metrics.batch_latency.labels(model=model, operation=operation)
 
     def queue_wait(self, seconds: float) -> None:
         self._queue_wait.observe(seconds)

@@ -94,13 +94,14 @@ class RequestContextMiddleware:
             seconds = time.perf_counter() - started
             route = scope.get("route")
             endpoint = getattr(route, "path", "unmatched")
-            self.metrics.observe_request(endpoint, status, seconds)
+            self.metrics.observe_request(endpoint, status, seconds, model=state.get("model", ""))
             access_log.info(
                 json.dumps(
                     {
                         "request_id": request_id,
                         "method": scope["method"],
                         "endpoint": endpoint,
+                        "model": state.get("model", ""),
                         "status": status,
                         "images": state.get("images", 0),
                         "latency_ms": round(seconds * 1000, 3),

@@ -1,5 +1,9 @@
 """The endpoints of the HTTP contract (docs/API.md): request parsing, validation, responses.
 
+The model endpoints (``/model``, ``/log-likelihood``, ``/sample``, ``/encode``,
+``/decode``) are registered twice: without a prefix they serve the default model, under
+``/models/{name}`` the model of that name (404 listing the names for an unknown one).
+
 Every check happens here, before anything is queued, so one request's bad input never
 reaches a batch it shares with others. Routes hand numpy arrays to the batchers and get
 arrays back; they never touch a tensor.
@@ -15,7 +19,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -32,13 +36,14 @@ from service.schemas import (
     ImagesRequest,
     LogLikelihoodResponse,
     ModelInfo,
+    ModelList,
     Readiness,
     SampleResponse,
     decode_request,
     describe_errors,
 )
 from service.runner import Score, Scorable
-from service.state import ServiceState
+from service.state import ModelState, ServiceState
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -50,6 +55,7 @@ JSON, MULTIPART = "application/json", "multipart/form-data"
 
 ERROR_DESCRIPTIONS = {
     400: "undecodable body or image",
+    404: "no model of that name (the detail lists the names)",
     413: "body too large or too many images",
     415: "unsupported content type",
     422: "well-formed but invalid values",
@@ -124,6 +130,26 @@ async def ready_state(state: Annotated[ServiceState, Depends(get_state)]) -> Ser
 
 StateDep = Annotated[ServiceState, Depends(get_state)]
 ReadyDep = Annotated[ServiceState, Depends(ready_state)]
+
+
+async def model_name(
+    name: Annotated[str, Path(description="the name of a model, as GET /models lists them")],
+) -> str:
+    """Declares (and documents) the ``name`` path parameter of the ``/models/{name}`` routes."""
+    return name
+
+
+async def model_state(request: Request, state: ReadyDep) -> ModelState:
+    """The model a route serves: the one named in its path, or the default; 404 for an unknown name."""
+    name = request.path_params.get("name")
+    model = state.default if name is None else state.models.get(name)
+    if model is None:
+        raise HTTPException(404, f"no model named {name!r}; this service serves: {', '.join(state.models)}")
+    request.state.model = model.name
+    return model
+
+
+ModelDep = Annotated[ModelState, Depends(model_state)]
 ResizeQuery = Annotated[
     bool, Query(description="resize images of another size to the model's instead of refusing them with 422")
 ]
@@ -150,6 +176,19 @@ class ImageOptions:
 
 
 router = APIRouter()
+named_router = APIRouter(prefix="/models/{name}", dependencies=[Depends(model_name)])
+
+
+def model_route(method: str, path: str, **options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register an endpoint at ``path`` (the default model) and at ``/models/{name}`` + ``path``."""
+
+    def register(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+        router.add_api_route(path, endpoint, methods=[method], **options)
+        named = options | {"responses": {**options.get("responses", {}), **errors(404)}}
+        named_router.add_api_route(path, endpoint, methods=[method], **named)
+        return endpoint
+
+    return register
 
 
 # ---------------------------------------------------------------- probes
@@ -180,13 +219,25 @@ async def metrics(state: StateDep) -> Response:
     return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/model", response_model=ModelInfo, responses=errors(503), tags=["model"], summary="Model metadata")
-async def model_info(state: ReadyDep) -> ModelInfo:
+@router.get(
+    "/models",
+    response_model=ModelList,
+    responses=errors(503),
+    tags=["model"],
+    summary="The models of this service, the default first (each served under /models/{name}/...)",
+)
+async def models(state: ReadyDep) -> ModelList:
+    return ModelList(models=state.summaries())
+
+
+@model_route("GET", "/model", response_model=ModelInfo, responses=errors(503), tags=["model"], summary="Model metadata")
+async def model_info(state: ModelDep) -> ModelInfo:
     return state.model_info()
 
 
 # -------------------------------------------------------------- inference
-@router.post(
+@model_route(
+    "POST",
     "/log-likelihood",
     response_model=LogLikelihoodResponse,
     response_model_exclude_none=True,
@@ -200,7 +251,7 @@ async def model_info(state: ReadyDep) -> ModelInfo:
 )
 async def log_likelihood(
     request: Request,
-    state: ReadyDep,
+    state: ModelDep,
     resize: ResizeQuery = False,
     heatmap: HeatmapQuery = False,
     heatmap_overlay: OverlayQuery = False,
@@ -234,7 +285,7 @@ async def log_likelihood(
     )
 
 
-def _overlays(state: ServiceState, items: list[Scorable], scores: list[Score]) -> list[str | None]:
+def _overlays(state: ModelState, items: list[Scorable], scores: list[Score]) -> list[str | None]:
     """Base64 PNGs of each image with its heatmap drawn over it."""
     return [
         None if score.heatmap is None
@@ -243,7 +294,8 @@ def _overlays(state: ServiceState, items: list[Scorable], scores: list[Score]) -
     ]
 
 
-@router.get(
+@model_route(
+    "GET",
     "/sample",
     response_model=SampleResponse,
     responses={
@@ -255,7 +307,7 @@ def _overlays(state: ServiceState, items: list[Scorable], scores: list[Score]) -
 )
 async def sample(
     request: Request,
-    state: ReadyDep,
+    state: ModelDep,
     n: Annotated[int, Query(ge=1, description="number of images, at most --max-sample-n")] = 16,
     temperature: Annotated[
         float, Query(gt=0, allow_inf_nan=False, description="scale of the prior's standard deviation")
@@ -280,7 +332,8 @@ async def sample(
     return SampleResponse(images=await asyncio.to_thread(_png_base64, images), temperature=temperature, seed=seed)
 
 
-@router.post(
+@model_route(
+    "POST",
     "/encode",
     response_model=EncodeResponse,
     responses=errors(400, 413, 415, 422, 503, 504),
@@ -289,7 +342,7 @@ async def sample(
     summary="The latent of each image, and its log-likelihood",
     description="An image whose latents overflow float32 (far outside the training data) is refused with 422.",
 )
-async def encode(request: Request, state: ReadyDep, resize: ResizeQuery = False) -> EncodeResponse:
+async def encode(request: Request, state: ModelDep, resize: ResizeQuery = False) -> EncodeResponse:
     images = await read_images(request, state, resize, then=as_decoded)
     encoded = await until_disconnected(request, state.encodings.submit(images))
     overflowed = [index for index, item in enumerate(encoded) if item.latent is None]
@@ -303,7 +356,8 @@ async def encode(request: Request, state: ReadyDep, resize: ResizeQuery = False)
     )
 
 
-@router.post(
+@model_route(
+    "POST",
     "/decode",
     response_model=DecodeResponse,
     responses=errors(400, 413, 415, 422, 503, 504),
@@ -311,7 +365,7 @@ async def encode(request: Request, state: ReadyDep, resize: ResizeQuery = False)
     tags=["inference"],
     summary="The image of each latent (decode(encode(png)) gives back the same pixels)",
 )
-async def decode(request: Request, state: ReadyDep) -> DecodeResponse:
+async def decode(request: Request, state: ModelDep) -> DecodeResponse:
     media = media_type(request)
     if media != JSON:
         raise HTTPException(
@@ -338,7 +392,7 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-def ready_limits(state: ServiceState) -> RequestLimits:
+def ready_limits(state: ModelState) -> RequestLimits:
     if state.limits is None:  # unreachable once ready: the limits are set before readiness
         raise HTTPException(503, "the model is still loading; retry shortly", headers={"Retry-After": RETRY_AFTER_S})
     return state.limits
@@ -398,7 +452,7 @@ def as_decoded(images: list[np.ndarray]) -> list[np.ndarray]:
 
 
 async def read_images(
-    request: Request, state: ServiceState, resize: bool, then: Callable[[list[np.ndarray]], T],
+    request: Request, state: ModelState, resize: bool, then: Callable[[list[np.ndarray]], T],
     options: ImageOptions | None = None,
 ) -> T:
     """``then`` of the request's images (uint8 arrays of the model's shape, in order), or the contract's 4xx.

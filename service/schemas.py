@@ -81,6 +81,17 @@ class ModelInfo(BaseModel):
     limits: Limits
 
 
+class ModelSummary(BaseModel):
+    name: str = Field(description="the name the model is served under: /models/{name}/...")
+    dataset: str = Field(description="name of the training data set")
+    image_shape: list[int] = Field(description="[C, H, W] of the images the model takes")
+    default: bool = Field(description="served by the routes without a /models/{name} prefix too")
+
+
+class ModelList(BaseModel):
+    models: list[ModelSummary] = Field(description="every model of the service, the default first")
+
+
 class ImagesRequest(BaseModel):
     """Images as base64 PNG/JPEG files (the JSON alternative to multipart ``images`` parts)."""
 

@@ -11,15 +11,16 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from model.device import check_device_name
 from service.imaging import MAX_RESIZE_PIXELS
+from service.models import SEPARATOR, ModelSpec, check_entry, model_specs, shipped_weights, split_entries
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "fashion-mnist"
+DEFAULT_WEIGHTS = shipped_weights("fashion-mnist")
 ENV_PREFIX = "GLOW_"
 
 
@@ -34,9 +35,11 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", min_length=1, description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on (0: any free port)")
-    weights: Path = Field(
-        DEFAULT_WEIGHTS,
-        description="checkpoint folder (glow.safetensors + glow.json) or its .safetensors file",
+    weights: Annotated[tuple[str, ...], NoDecode] = Field(
+        (str(DEFAULT_WEIGHTS),),
+        description="checkpoints to serve: PATH or NAME=PATH, repeatable or joined by ','; PATH is a checkpoint folder"
+        " (glow.safetensors + glow.json), its .safetensors file, a folder of checkpoint folders, or a shipped name"
+        " (fashion-mnist, mnist); the first is the default model",
     )
     device: str = Field(
         "auto", description="where the model runs: auto (CUDA when present), cpu, cuda or cuda:N; on CUDA with "
@@ -114,6 +117,22 @@ class Settings(BaseSettings):
     def _device_name(cls, value: str) -> str:
         return check_device_name(value)
 
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _weights_entries(cls, value: Any) -> tuple[str, ...]:
+        values = [value] if isinstance(value, (str, Path)) else list(value)
+        entries = tuple(split_entries(values))
+        if not entries:
+            raise ValueError("no checkpoint given")
+        for entry in entries:
+            check_entry(entry)
+        return entries
+
+    @property
+    def models(self) -> list[ModelSpec]:
+        """The models to serve, the default first (``service.models``); ValueError for an ambiguous folder."""
+        return model_specs(self.weights)
+
     @model_validator(mode="after")
     def _requests_fit_the_queue(self) -> Settings:
         for name in ("max_images_per_request", "max_sample_n"):
@@ -145,7 +164,8 @@ def describe(exc: ValidationError) -> str:
     for error in exc.errors():
         if error["loc"]:
             name = str(error["loc"][0])
-            problems.append(f"{flag(name)} / {ENV_PREFIX}{name.upper()}: {error['msg']} (got {error['input']!r})")
+            message = str(error["msg"]).removeprefix("Value error, ")
+            problems.append(f"{flag(name)} / {ENV_PREFIX}{name.upper()}: {message} (got {error['input']!r})")
         else:
             problems.append(str(error["msg"]).removeprefix("Value error, "))
     return "invalid settings: " + "; ".join(problems)
@@ -166,10 +186,13 @@ def _parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     for name, field in Settings.model_fields.items():
+        repeatable = name == "weights"
+        default = SEPARATOR.join(field.default) if repeatable else field.default
         parser.add_argument(
             flag(name),
             dest=name,
             metavar=name.upper(),
-            help=f"{field.description} (env {ENV_PREFIX}{name.upper()}, default {field.default})",
+            action="append" if repeatable else "store",
+            help=f"{field.description} (env {ENV_PREFIX}{name.upper()}, default {default})",
         )
     return parser

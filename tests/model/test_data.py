@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import struct
 from pathlib import Path
 
@@ -14,8 +15,15 @@ from PIL import Image
 from model.data import (
     FASHION_MNIST_DIR,
     DataError,
+    check_manifest,
+    compact_record,
+    data_record,
     fingerprint,
+    load_dataset,
     load_images,
+    manifest,
+    reopen,
+    split_indices,
     read_idx_images,
     read_image_folder,
     read_npz_images,
@@ -137,9 +145,8 @@ def test_image_folder_size_mismatch(tmp_path: Path) -> None:
     write_png(tmp_path / "b.png", np.zeros((32, 32), dtype=np.uint8))
     with pytest.raises(DataError) as info:
         read_image_folder(tmp_path)
-    assert str(info.value) == (
-        f"{tmp_path / 'b.png'}: image is 32x32, expected 28x28 like the others"
-    )
+    assert str(info.value).startswith(f"{tmp_path / 'b.png'}: image is 32x32, expected 28x28 like the others")
+    assert "--image-size H W" in str(info.value)
 
 
 @pytest.mark.parametrize("kind", ["garbage", "truncated"])
@@ -267,3 +274,91 @@ def test_real_fashion_mnist_test_set() -> None:
     assert images.shape == (10000, 28, 28)
     assert images.dtype == np.uint8
     assert images.max() > 0
+
+
+# ----------------------------------------------------------- own images: folders, channels, sizes, split, manifest
+def test_folders_are_read_recursively_with_webp_and_class_labels(tmp_path: Path) -> None:
+    (tmp_path / "cats" / "deep").mkdir(parents=True)
+    (tmp_path / "dogs").mkdir()
+    write_png(tmp_path / "dogs" / "a.png", np.full((4, 6), 1, dtype=np.uint8))
+    Image.fromarray(np.full((4, 6), 2, dtype=np.uint8)).save(tmp_path / "cats" / "deep" / "b.webp", lossless=True)
+    write_png(tmp_path / "cats" / "c.png", np.full((4, 6), 3, dtype=np.uint8))
+    dataset = load_dataset(tmp_path)
+    assert dataset.names == ["cats/c.png", "cats/deep/b.webp", "dogs/a.png"]
+    assert dataset.images.shape == (3, 1, 4, 6) and dataset.channels_inferred
+    assert dataset.images[:, 0, 0, 0].tolist() == [3, 2, 1]
+    assert dataset.labels.tolist() == [0, 0, 1]
+
+
+def test_channels_are_inferred_from_colour_and_converted_on_request(tmp_path: Path) -> None:
+    grey, colour = tmp_path / "grey", tmp_path / "colour"
+    grey.mkdir(), colour.mkdir()
+    write_png(grey / "a.png", np.full((4, 4), 9, dtype=np.uint8))
+    rgb = np.zeros((4, 4, 3), dtype=np.uint8)
+    rgb[..., 0] = 255
+    Image.fromarray(rgb).save(colour / "red.png")
+    write_png(colour / "grey.png", np.full((4, 4), 9, dtype=np.uint8))  # one colour image makes the set RGB
+    assert load_dataset(grey).images.shape[1] == 1
+    assert load_dataset(colour).images.shape[1] == 3
+    assert load_dataset(grey, channels=3).images[0, :, 0, 0].tolist() == [9, 9, 9]
+    assert load_dataset(colour, channels=1).images[1, 0, 0, 0] == 76  # red.png (after grey.png): Pillow's luma
+    npz = tmp_path / "rgb.npz"
+    np.savez(npz, images=rgb[None])
+    assert load_dataset(npz, channels=1).images[0, 0, 0, 0] == 76  # arrays convert as folders do
+
+
+@pytest.mark.parametrize(("fit", "expected"), [("scale-crop", (8, 8)), ("resize", (8, 8))])
+def test_mixed_sizes_need_a_size_and_a_fit_rule(tmp_path: Path, fit: str, expected: tuple[int, int]) -> None:
+    write_png(tmp_path / "wide.png", np.tile(np.arange(32, dtype=np.uint8), (16, 1)))
+    write_png(tmp_path / "square.png", np.zeros((8, 8), dtype=np.uint8))
+    with pytest.raises(DataError, match="--image-size H W"):
+        load_dataset(tmp_path)
+    dataset = load_dataset(tmp_path, image_size=(8, 8), fit=fit)
+    assert dataset.images.shape[2:] == expected
+    wide = dataset.images[dataset.names.index("wide.png"), 0]
+    span = int(wide[0].max()) - int(wide[0].min())
+    # scale-crop keeps the middle half of the 0..31 ramp; resize squeezes the whole ramp
+    assert (span < 20) if fit == "scale-crop" else (span > 25)
+
+
+def test_the_validation_split_is_seeded_and_stratified() -> None:
+    labels = np.array([0] * 90 + [1] * 10)  # sorted by class, as a folder of class subfolders is
+    train, val = split_indices(100, 20, seed=3, labels=labels)
+    assert len(val) == 20 and set(train) | set(val) == set(range(100)) and not set(train) & set(val)
+    assert np.bincount(labels[val]).tolist() == [18, 2]  # each class its share
+    again, other = split_indices(100, 20, seed=3, labels=labels), split_indices(100, 20, seed=4, labels=labels)
+    assert again[1].tolist() == val.tolist() and other[1].tolist() != val.tolist()
+    _, plain = split_indices(100, 20, seed=3)
+    assert len(plain) == 20 and plain.max() > 20  # drawn from everywhere, not the last 20
+    with pytest.raises(DataError, match="needs 1..99"):
+        split_indices(100, 100, seed=0)
+
+
+def test_the_manifest_catches_changed_missing_and_extra_files(tmp_path: Path) -> None:
+    for name in ("a.png", "b.png"):
+        write_png(tmp_path / name, np.zeros((4, 4), dtype=np.uint8))
+    recorded = manifest(tmp_path)
+    check_manifest(tmp_path, recorded)
+    write_png(tmp_path / "a.png", np.ones((4, 4), dtype=np.uint8))
+    write_png(tmp_path / "c.png", np.ones((4, 4), dtype=np.uint8))
+    (tmp_path / "b.png").unlink()
+    with pytest.raises(DataError) as info:
+        check_manifest(tmp_path, recorded)
+    assert "missing: b.png; not in the run: c.png; changed: a.png" in str(info.value)
+
+
+def test_a_recorded_split_reopens_to_the_same_images_and_refuses_other_data(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for k in range(10):
+        write_png(tmp_path / f"{k}.png", rng.integers(0, 256, (4, 4), dtype=np.uint8))
+    dataset = load_dataset(tmp_path)
+    train, val = split_indices(10, 3, seed=1)
+    record = data_record(tmp_path, dataset, None, "scale-crop", 1, val)
+    for stored in (record, compact_record(record)):
+        again, train_again, val_again = reopen(json.loads(json.dumps(stored)))
+        np.testing.assert_array_equal(again.images[val_again], dataset.images[val])
+        np.testing.assert_array_equal(train_again, train)
+    write_png(tmp_path / "0.png", np.zeros((4, 4), dtype=np.uint8))
+    for stored in (record, compact_record(record)):
+        with pytest.raises(DataError, match="is not the data"):
+            reopen(stored)

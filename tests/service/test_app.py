@@ -113,7 +113,7 @@ async def test_a_full_queue_is_503_with_retry_after(
         running = score(http, png)
         await gated.until_entered()
         queued = [score(http, png), score(http, png)]
-        await eventually(lambda: app.state.service.scores.depth == 2)
+        await eventually(lambda: app.state.service.default.scores.depth == 2)
         refused = await http.post("/log-likelihood", files=files([png]))
         assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1
         assert "queue full" in refused.json()["detail"]
@@ -148,7 +148,7 @@ async def test_a_failing_batch_fails_only_its_own_requests(
         doomed = [score(http, png), score(http, png)]  # one batch of two
         await gated.until_entered()
         later = [score(http, png), score(http, png)]
-        await eventually(lambda: app.state.service.scores.depth == 2)
+        await eventually(lambda: app.state.service.default.scores.depth == 2)
         gated.gate.set()
         failed = await asyncio.gather(*doomed)
         assert [r.status_code for r in failed] == [503, 503]  # answered, retryable: the service probes the model
@@ -167,7 +167,7 @@ async def test_shutdown_turns_readiness_off_refuses_new_work_and_answers_queued_
             running = [score(http, png), score(http, png)]
             await gated.until_entered()
             queued = score(http, png)  # alone: would wait a minute for a second image
-            await eventually(lambda: app.state.service.scores.depth == 1)
+            await eventually(lambda: app.state.service.default.scores.depth == 1)
             app.state.service.begin_shutdown()
             ready = await http.get("/readyz")
             assert ready.status_code == 503 and "shutting down" in ready.json()["detail"]
@@ -184,7 +184,7 @@ async def test_the_lifespan_end_drains_queued_work(make_settings: Callable[..., 
     async with client_of(app) as http:
         async with app.router.lifespan_context(app):
             pending = [score(http, png) for _ in range(3)]
-            await eventually(lambda: app.state.service.scores.depth == 3)
+            await eventually(lambda: app.state.service.default.scores.depth == 3)
         async with asyncio.timeout(WAIT_S):
             assert [r.status_code for r in await asyncio.gather(*pending)] == [200, 200, 200]
 
@@ -198,9 +198,9 @@ async def test_a_cancelled_request_is_dropped_before_its_batch(
         running = score(http, png)
         await gated.until_entered()
         abandoned = score(http, png)
-        await eventually(lambda: app.state.service.scores.depth == 1)
+        await eventually(lambda: app.state.service.default.scores.depth == 1)
         abandoned.cancel()  # in-process, the client's cancellation reaches the handler
-        await eventually(lambda: app.state.service.scores.depth == 0)
+        await eventually(lambda: app.state.service.default.scores.depth == 0)
         gated.gate.set()
         assert (await running).status_code == 200
     assert gated.batches == [1]
@@ -214,12 +214,13 @@ async def test_batching_does_not_change_scores(
     app = create_app(make_settings(max_batch_size=64, max_wait_ms=500))
     async with app.router.lifespan_context(app), client_of(app) as http:
         responses = await asyncio.gather(*(http.post("/log-likelihood", files=files([to_png(x)])) for x in images))
-        metrics = app.state.service.metrics
+        metrics, model = app.state.service.metrics, app.state.service.default.name
     got = [r.json()["results"][0]["log_likelihood"] for r in responses]
     alone = [reference.model.log_prob(torch.from_numpy(x)[None]).item() for x in images]
     assert got == pytest.approx(alone, rel=1e-4)
-    batches = metrics.registry.get_sample_value("glow_batch_size_count", {"operation": "log_likelihood"})
-    scored = metrics.registry.get_sample_value("glow_batch_size_sum", {"operation": "log_likelihood"})
+    labels = {"model": model, "operation": "log_likelihood"}
+    batches = metrics.registry.get_sample_value("glow_batch_size_count", labels)
+    scored = metrics.registry.get_sample_value("glow_batch_size_sum", labels)
     assert scored == 64 and batches < 64  # batched for real: fewer model calls than requests
 
 
@@ -234,4 +235,4 @@ async def test_request_shutdown_is_safe_from_a_signal_handler(started: FastAPI) 
     state = started.state.service
     await asyncio.to_thread(state.request_shutdown)  # from another thread, as a signal handler may be
     assert state.shutting_down and not state.ready
-    await eventually(lambda: all(batcher.closed for batcher in state.batchers.values()))
+    await eventually(lambda: all(batcher.closed for batcher in state.default.batchers.values()))

@@ -42,7 +42,9 @@ from service.settings import Settings
 Schema = schemathesis.schemas.BaseSchema
 OPERATIONS = [
     ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"), ("GET", "/model"),
-    ("POST", "/log-likelihood"), ("GET", "/sample"), ("POST", "/encode"), ("POST", "/decode"),
+    ("POST", "/log-likelihood"), ("GET", "/sample"), ("POST", "/encode"), ("POST", "/decode"), ("GET", "/models"),
+    ("GET", "/models/{name}/model"), ("POST", "/models/{name}/log-likelihood"), ("GET", "/models/{name}/sample"),
+    ("POST", "/models/{name}/encode"), ("POST", "/models/{name}/decode"),
 ]  # fmt: skip
 CHECKS = [
     not_a_server_error,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from service_testing import files, random_pixels, to_png
@@ -17,16 +19,19 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
-async def test_metrics_count_what_happened(client: httpx.AsyncClient) -> None:
+async def test_metrics_count_what_happened(client: httpx.AsyncClient, tiny_checkpoint: Path) -> None:
     pngs = [to_png(image) for image in random_pixels(3, 0)]
+    await client.get("/healthz")  # reaches no model
     await client.post("/log-likelihood", files=files(pngs))
     await client.post("/log-likelihood", files=files([b"junk"]))
     response = await client.get("/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     seen = samples(response.text)
 
+    model = tiny_checkpoint.name  # the name a plain --weights PATH is served under
+
     def value(name: str, **labels: str) -> float:
-        return seen[(name, tuple(sorted(labels.items())))]
+        return seen[(name, tuple(sorted({"model": model, **labels}.items())))]
 
     assert value("glow_requests_total", endpoint="/log-likelihood", status="200") == 1
     assert value("glow_requests_total", endpoint="/log-likelihood", status="400") == 1
@@ -38,7 +43,9 @@ async def test_metrics_count_what_happened(client: httpx.AsyncClient) -> None:
     assert value("glow_batch_latency_seconds_count", operation="log_likelihood") == 1
     for operation in ("log_likelihood", "encode", "decode", "sample"):
         assert value("glow_queue_depth", operation=operation) == 0
+    assert seen[("glow_requests_total", (("endpoint", "/healthz"), ("model", ""), ("status", "200")))] == 1
     info = next(labels for (name, labels) in seen if name == "glow_model_info")
+    assert dict(info)["model"] == model
     assert dict(info)["name"] == "tiny" and dict(info)["device"] == "cpu" and dict(info)["image_shape"] == "1x28x28"
     assert dict(info)["form"] == "torchscript"
 
@@ -52,5 +59,6 @@ def test_batch_size_buckets_end_at_the_largest_batch() -> None:
 def test_each_app_has_its_own_registry() -> None:
     first, second = Metrics(4), Metrics(4)
     first.observe_request("/healthz", 200, 0.01)
-    assert first.registry.get_sample_value("glow_requests_total", {"endpoint": "/healthz", "status": "200"}) == 1
-    assert second.registry.get_sample_value("glow_requests_total", {"endpoint": "/healthz", "status": "200"}) is None
+    labels = {"model": "", "endpoint": "/healthz", "status": "200"}
+    assert first.registry.get_sample_value("glow_requests_total", labels) == 1
+    assert second.registry.get_sample_value("glow_requests_total", labels) is None

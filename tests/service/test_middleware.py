@@ -97,4 +97,5 @@ async def test_an_escaping_exception_is_a_500_naming_the_request(caplog: pytest.
     assert send.status == 500 and "request r-9" in send.body["detail"]
     assert (b"x-request-id", b"r-9") in send.messages[0]["headers"]
     assert "KeyError" in caplog.text  # the traceback is logged
-    assert metrics.registry.get_sample_value("glow_requests_total", {"endpoint": "unmatched", "status": "500"}) == 1
+    assert metrics.registry.get_sample_value("glow_requests_total", {"model": "", "endpoint": "unmatched",
+                                                                            "status": "500"}) == 1

@@ -1,4 +1,10 @@
-"""Every endpoint of the contract and every error status, through httpx.ASGITransport with the lifespan run."""
+"""Every endpoint of the contract and every error status, through httpx.ASGITransport with the lifespan run.
+
+Every test taking ``client`` or ``limited`` runs twice: against the routes without a
+prefix (the default model) and against ``/models/mnist/...`` (the tiny checkpoint served
+as ``mnist``). tests/service/test_models.py checks that several models are each served
+under their own name.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +13,14 @@ import base64
 import io
 import json
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import torch
+from fastapi import FastAPI
 from PIL import Image
 from service_testing import files, from_png, random_pixels, to_png
 
@@ -41,13 +50,54 @@ def log_likelihoods(response: httpx.Response) -> list[float]:
     return [result["log_likelihood"] for result in response.json()["results"]]
 
 
+MODEL_PATHS = frozenset({"/model", "/log-likelihood", "/sample", "/encode", "/decode"})
+
+
+@pytest.fixture(params=["", "/models/mnist"], ids=["default-routes", "named-routes"])
+def prefix(request: pytest.FixtureRequest) -> str:
+    """Where the model endpoints are reached: without a prefix (the default model) or under a model's name."""
+    return request.param
+
+
 @pytest.fixture
-async def limited(make_settings: Callable[..., Settings]) -> AsyncIterator[httpx.AsyncClient]:
+def named(make_settings: Callable[..., Settings], tiny_checkpoint: Path) -> Callable[..., Settings]:
+    """Settings serving the tiny checkpoint as ``mnist``; keyword overrides."""
+    return lambda **overrides: make_settings(weights=f"mnist={tiny_checkpoint}", **overrides)
+
+
+@asynccontextmanager
+async def prefixed(app: FastAPI, prefix: str) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of a started app whose requests to the model endpoints go to ``prefix`` + the endpoint."""
+
+    async def route(request: httpx.Request) -> None:
+        if request.url.path in MODEL_PATHS:
+            request.url = request.url.copy_with(path=prefix + request.url.path)
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://service.test",
+                                 event_hooks={"request": [route]}) as http:
+        yield http
+
+
+@pytest.fixture
+async def app(named: Callable[..., Settings]) -> AsyncIterator[FastAPI]:
+    """A started app serving the tiny checkpoint as ``mnist``."""
+    application = create_app(named())
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture
+async def client(app: FastAPI, prefix: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with prefixed(app, prefix) as http:
+        yield http
+
+
+@pytest.fixture
+async def limited(named: Callable[..., Settings], prefix: str) -> AsyncIterator[httpx.AsyncClient]:
     """A client of an app with small limits: 3 images per request, 64 KiB bodies, n <= 4."""
-    app = create_app(make_settings(max_images_per_request=3, max_body_bytes=65536, max_sample_n=4))
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://service.test") as http:
-            yield http
+    limited_app = create_app(named(max_images_per_request=3, max_body_bytes=65536, max_sample_n=4))
+    async with limited_app.router.lifespan_context(limited_app), prefixed(limited_app, prefix) as http:
+        yield http
 
 
 # ------------------------------------------------------------------ probes and metadata
@@ -300,7 +350,7 @@ async def test_images_that_overflow_float32_are_refused_by_encode_and_flagged_by
             log_prob[2] = -float("inf")
         return log_prob, latents, levels
 
-    runner = app.state.service.runner
+    runner = app.state.service.default.runner
     folded = runner.model.fold()  # eager: its log_prob_and_levels is Glow's, patched below
     monkeypatch.setattr(runner, "_inference", folded)
     monkeypatch.setattr(runner.scorer, "inference", folded)

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_defaults_follow_the_contract() -> None:
     settings = Settings.from_args([])
     assert (settings.host, settings.port, settings.device) == ("127.0.0.1", 8000, "auto")
-    assert settings.weights == DEFAULT_WEIGHTS == REPO / "weights" / "fashion-mnist"
+    assert settings.weights == (str(DEFAULT_WEIGHTS),) and DEFAULT_WEIGHTS == REPO / "weights" / "fashion-mnist"
     assert settings.anomaly_fpr == 0.01
 
 
@@ -24,7 +24,8 @@ def test_defaults_follow_the_contract() -> None:
     [
         ("host", "0.0.0.0", "0.0.0.0"),
         ("port", "9000", 9000),
-        ("weights", "weights/mnist", Path("weights/mnist")),
+        ("weights", "weights/mnist", ("weights/mnist",)),
+        ("weights", "mnist=weights/mnist,weights/fashion-mnist", ("mnist=weights/mnist", "weights/fashion-mnist")),
         ("device", "cpu", "cpu"),
         ("device", "CUDA:1", "cuda:1"),
         ("max_batch_size", "1", 1),
@@ -85,6 +86,27 @@ def test_a_bad_variable_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
         Settings.from_args([])
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--weights", "a b=weights/mnist"], "--weights / GLOW_WEIGHTS: 'a b=weights/mnist': the name"),
+        (["--weights", "mnist="], "'mnist=': no checkpoint path"),
+        (["--weights", ","], "--weights / GLOW_WEIGHTS: no checkpoint given"),
+    ],
+)
+def test_bad_weights_entries_are_refused_in_one_line(argv: list[str], message: str) -> None:
+    with pytest.raises(SettingsError) as refused:
+        Settings.from_args(argv)
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_weights_flags_repeat_and_a_flag_wins_over_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GLOW_WEIGHTS", "a=x,b=y")
+    assert Settings.from_args([]).weights == ("a=x", "b=y")
+    argv = ["--weights", "fashion=weights/fashion-mnist", "--weights", "mnist=weights/mnist"]
+    assert Settings.from_args(argv).weights == ("fashion=weights/fashion-mnist", "mnist=weights/mnist")
+
+
 def test_main_exits_2_with_one_line_for_a_bad_setting(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--max-batch-size", "-3"]) == 2
     err = capsys.readouterr().err
@@ -95,8 +117,8 @@ def test_the_readme_lists_every_setting_with_its_default() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for name, field in Settings.model_fields.items():
         default = str(field.default).lower() if isinstance(field.default, bool) else field.default
-        if isinstance(default, Path):  # absolute here, relative to the checkout in the README
-            default = default.relative_to(Path(__file__).resolve().parents[2])
+        if name == "weights":  # absolute here, relative to the checkout in the README
+            default = ",".join(str(Path(path).relative_to(REPO)) for path in default)
         if isinstance(default, float) and default.is_integer():
             default = int(default)
         row = f"| `{flag(name)}` | `{default}` |"
