@@ -10,7 +10,7 @@ import pytest
 from fastapi import FastAPI
 from service_testing import files, random_pixels, to_png
 
-from service.state import ServiceState
+from service.state import ModelState
 
 PNGS = [to_png(image) for image in random_pixels(3, 5)]
 RECOVERY_S = 10.0
@@ -25,7 +25,7 @@ async def until_ready(client: httpx.AsyncClient, status: int) -> None:
 async def test_a_failing_model_answers_503_turns_unready_and_recovers(
     app: FastAPI, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    state: ServiceState = app.state.service
+    state: ModelState = app.state.service.default
     working = state.runner.call
 
     async def broken(fn: Any, *args: Any) -> Any:
@@ -51,7 +51,7 @@ async def test_a_failing_model_answers_503_turns_unready_and_recovers(
 async def test_a_failed_batching_loop_answers_its_requests_503_and_restarts(
     app: FastAPI, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    state: ServiceState = app.state.service
+    state: ModelState = app.state.service.default
     batcher = state.scores
     calls = 0
     take = batcher._take
