@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -57,17 +58,37 @@ def mode_of(channels: int) -> str:
     return MODES[channels]
 
 
+@contextlib.contextmanager
+def untrusted_image() -> Iterator[None]:
+    """Whatever Pillow raises on untrusted bytes, as ImageError: a decompression bomb is ImageTooLarge,
+    anything else UndecodableImage; an ImageError raised inside passes unchanged."""
+    try:
+        yield
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"image refused as a decompression bomb: {exc}") from None
+    except UnidentifiedImageError:
+        raise UndecodableImage("not a PNG or JPEG image") from None
+    except Exception as exc:  # whatever Pillow raises on untrusted bytes, the image is undecodable
+        raise UndecodableImage(f"corrupt PNG or JPEG image ({type(exc).__name__}: {exc})") from None
+
+
+def refuse_bombs(width: int, height: int) -> None:
+    """ImageTooLarge past Pillow's decompression-bomb limit, where Pillow itself only warns."""
+    if width * height > Image.MAX_IMAGE_PIXELS:
+        raise ImageTooLarge(
+            f"image of {width}x{height} pixels exceeds the decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels"
+        )
+
+
 def decode_image(data: bytes, shape: tuple[int, int, int], resize: bool = False) -> np.ndarray:
     """PNG or JPEG bytes -> uint8 pixels of ``shape`` (C, H, W), or ImageError."""
     channels, height, width = shape
-    try:
+    with untrusted_image():
         with Image.open(io.BytesIO(data), formats=FORMATS) as image:
             size = image.size
-            if size[0] * size[1] > Image.MAX_IMAGE_PIXELS:  # where Pillow only warns
-                raise ImageTooLarge(
-                    f"image of {size[0]}x{size[1]} pixels exceeds the decompression-bomb limit of"
-                    f" {Image.MAX_IMAGE_PIXELS} pixels"
-                )
+            refuse_bombs(*size)
             if size != (width, height):
                 if not resize:
                     raise WrongImageSize(
@@ -85,32 +106,15 @@ def decode_image(data: bytes, shape: tuple[int, int, int], resize: bool = False)
             if converted.size != (width, height):
                 converted = converted.resize((width, height), Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP)
             pixels = np.asarray(converted, dtype=np.uint8)
-    except ImageError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"image refused as a decompression bomb: {exc}") from None
-    except UnidentifiedImageError:
-        raise UndecodableImage("not a PNG or JPEG image") from None
-    except Exception as exc:  # whatever Pillow raises on untrusted bytes, the image is undecodable
-        raise UndecodableImage(f"corrupt PNG or JPEG image ({type(exc).__name__}: {exc})") from None
     return pixels.reshape(height, width, channels).transpose(2, 0, 1).copy()  # (C, H, W)
 
 
 def image_size(data: bytes) -> tuple[int, int]:
     """(width, height) from the image's header alone, or ImageError (undecodable, or past Pillow's bomb limit)."""
-    try:
+    with untrusted_image():
         with Image.open(io.BytesIO(data), formats=FORMATS) as image:
             width, height = image.size
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"image refused as a decompression bomb: {exc}") from None
-    except UnidentifiedImageError:
-        raise UndecodableImage("not a PNG or JPEG image") from None
-    except Exception as exc:  # whatever Pillow raises on untrusted bytes, the image is undecodable
-        raise UndecodableImage(f"corrupt PNG or JPEG image ({type(exc).__name__}: {exc})") from None
-    if width * height > Image.MAX_IMAGE_PIXELS:  # where Pillow only warns
-        raise ImageTooLarge(
-            f"image of {width}x{height} pixels exceeds the decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels"
-        )
+    refuse_bombs(width, height)
     return width, height
 
 
