@@ -12,15 +12,12 @@ descheduled for longer than 100 ms while the server's CPU time stays in millisec
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import os
 import socket
-import struct
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,7 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
-from service_testing import ServerProcess, files, random_pixels, to_png
+from service_testing import ServerProcess, b64, chunk, files, png_declaring, random_pixels, to_png
 
 RSS_GROWTH = 100 * 2**20
 CPU_S = 1.0
@@ -42,21 +39,6 @@ FLAGS = ("--max-in-flight", str(MAX_IN_FLIGHT), "--body-timeout-s", str(BODY_TIM
          "--header-timeout-s", str(HEADER_TIMEOUT_S), "--keep-alive-s", "1")  # fmt: skip
 PNG = to_png(random_pixels(1, 0)[0])
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A PNG whose header declares ``width`` x ``height`` gray pixels, with a few bytes of pixel data."""
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    idat = chunk(b"IDAT", zlib.compress(bytes(64)))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + idat + chunk(b"IEND", b"")
 
 
 def black_png(width: int, height: int) -> bytes:

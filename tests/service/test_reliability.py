@@ -13,9 +13,7 @@ import json
 import shutil
 import signal
 import socket
-import struct
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ import pytest
 import torch
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
-from service_testing import ServerProcess, files, from_png, random_pixels, to_png, wait_until
+from service_testing import ServerProcess, b64, chunk, files, png_declaring, from_png, random_pixels, to_png, wait_until
 
 from model.checkpoint import Checkpoint
 from model.data import sha256_file
@@ -34,21 +32,6 @@ from service.__main__ import main
 
 OPERATIONS = ("log_likelihood", "encode", "decode", "sample")
 ANSWER_S = 10  # a refusal of a hostile input must come at once, not after decoding it
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A PNG header declaring ``width`` x ``height`` 8-bit gray pixels, with a few bytes of IDAT (a bomb)."""
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    idat = chunk(b"IDAT", zlib.compress(bytes(64)))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + idat + chunk(b"IEND", b"")
 
 
 def padded_png(extra_bytes: int) -> bytes:
