@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import torch
 from fastapi import FastAPI
