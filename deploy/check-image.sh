@@ -172,9 +172,9 @@ compose_run() {  # dataset, weights folder, IDX file
         "root filesystem read-only: $(docker inspect -f '{{.HostConfig.ReadonlyRootfs}}' "$cid")"
     python3 deploy/check_client.py score "http://127.0.0.1:$COMPOSE_PORT" "$idx" --dataset "$dataset" \
         || fail "scoring a $dataset image"
-    # SIGTERM (docker stop) 2 s after sending 12 requests of 64 images (within the queue's 1024):
-    # some queued or running by then
-    python3 deploy/check_client.py drain "http://127.0.0.1:$COMPOSE_PORT" --idx "$idx" --requests 12 \
+    # SIGTERM (docker stop) after 2 s of 12 closed-loop clients sending 64 images each (within the
+    # queue's 1024): 12 requests queued or running at the signal
+    python3 deploy/check_client.py drain "http://127.0.0.1:$COMPOSE_PORT" --idx "$idx" --clients 12 \
         --images 64 --delay 2 -- docker stop -t 40 "$cid" || fail "requests in flight at SIGTERM"
     code=$(docker inspect -f '{{.State.ExitCode}}' "$cid")
     [ "$code" = 0 ] || { docker logs --tail 20 "$cid"; fail "exit code $code after SIGTERM"; }
