@@ -5,8 +5,9 @@ appendix: the top prior's mean and log-std as functions of the label). Here the 
 level's standardised latent eps (``layers.TopPrior``, shape (C, H, W)) has, under class
 k of K, the density N(eps; m_k, diag(s_k^2)) with m_k and log s_k learned per class and
 per position. Both start at zero, so every class starts as N(0, I) and a conditional
-model starts as its unconditional one (which is what lets one be fine-tuned into the
-other). With pi_k the classes' training frequencies:
+model starts as its unconditional one; :meth:`ClassPrior.fit` sets them to their
+maximum-likelihood values for a fixed flow instead (a closed-form start when a trained
+unconditional flow is made conditional). With pi_k the classes' training frequencies:
 
     log p(x | k) = log N(eps_top; m_k, s_k) + (the rest of log p(x), as unconditional)
     log p(x)     = logsumexp_k [log pi_k + log p(x | k)]                  (the mixture)
@@ -49,6 +50,18 @@ class ClassPrior(nn.Module):
             raise ValueError(f"labels must cover classes 0..{self.classes - 1}, each at least once; "
                              f"counts {counts.tolist()}")
         self.log_weights.copy_(torch.log(counts.double() / counts.sum()).to(self.log_weights))
+
+    @torch.no_grad()
+    def fit(self, eps: Tensor, labels: Tensor, min_sigma: float = 1e-3) -> None:
+        """The maximum-likelihood Gaussians for top latents ``eps`` (N, C, H, W) of labelled images: each class's
+        per-position mean and standard deviation (at least ``min_sigma``). With the flow held fixed this is the
+        exact maximiser of sum_i log p(x_i | y_i) over the class prior's parameters (a closed-form start)."""
+        for k in range(self.classes):
+            chosen = eps[labels == k].double()
+            if len(chosen) < 2:
+                raise ValueError(f"class {k}: {len(chosen)} images; need at least 2 to fit its Gaussian")
+            self.mean[k] = chosen.mean(0).to(self.mean)
+            self.log_sigma[k] = chosen.std(0, unbiased=False).clamp_min(min_sigma).log().to(self.log_sigma)
 
     def log_likelihoods(self, eps: Tensor) -> Tensor:
         """log N(eps_b; m_k, s_k) summed over the latent, shape (B, K), for eps of shape (B, C, H, W)."""

@@ -446,8 +446,28 @@ def fresh_state(config: GlowConfig, settings: TrainSettings, data: TrainData, de
         state.model.initialize(first.to(device), torch.Generator(device=device).manual_seed(settings.seed))
     if state.model.class_prior is not None and data.train_labels is not None:
         state.model.class_prior.set_frequencies(data.train_labels)
+        if init_from is not None:
+            fit_class_prior(state.model, data, settings)
     state.ema = EMA(state.model, settings.ema_decay)
     return state
+
+
+CLASS_FIT_IMAGES = 20_000  # training images whose top latents fit the class Gaussians of an --init-from run
+
+
+@torch.no_grad()
+def fit_class_prior(model: Glow, data: TrainData, settings: TrainSettings, limit: int = CLASS_FIT_IMAGES) -> None:
+    """Each class's top-latent Gaussian at its maximum-likelihood value under the (trained) flow, from the first
+    ``limit`` images of a seeded draw, dequantised (one uniform draw each) as the training objective is."""
+    assert model.class_prior is not None and data.train_labels is not None
+    generator = torch.Generator().manual_seed(settings.seed)
+    index = torch.randperm(len(data.train), generator=generator)[:limit]
+    tops = []
+    for start in range(0, len(index), 256):
+        batch = data.train[index[start : start + 256]]
+        noise = torch.rand(batch.shape, generator=generator)
+        tops.append(model.log_prob_and_levels(batch.to(model.device), noise.to(model.device))[1][-1].cpu())
+    model.class_prior.fit(torch.cat(tops), data.train_labels[index])
 
 
 def resumed_state(config: GlowConfig, settings: TrainSettings, path: Path, device: torch.device) -> TrainState:

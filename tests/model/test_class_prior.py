@@ -129,3 +129,17 @@ def test_a_conditional_checkpoint_round_trips_and_old_configs_still_load(tmp_pat
     assert torch.equal(loaded.log_prob(x), model.log_prob(x))
     assert GlowConfig.from_dict({"image_shape": [1, 8, 8], "levels": 2, "steps_per_level": 2,
                                  "hidden_channels": 8, "n_bits": 8}).labels == ()
+
+
+def test_the_fitted_gaussians_maximise_the_likelihood_of_the_latents() -> None:
+    """At the closed-form fit the gradient of sum log N(eps_i; m_{y_i}, s_{y_i}) vanishes."""
+    torch.manual_seed(0)
+    labels = torch.arange(60) % 3
+    eps = torch.randn(60, 2, 2, 2) * (1 + labels.view(-1, 1, 1, 1)) + labels.view(-1, 1, 1, 1).float()
+    prior = ClassPrior(3, (2, 2, 2))
+    prior.fit(eps, labels)
+    assert torch.allclose(prior.mean[1], eps[labels == 1].mean(0), atol=1e-6)
+    prior.log_likelihood_of(eps, labels).sum().backward()
+    assert float(prior.mean.grad.abs().max()) < 1e-3 and float(prior.log_sigma.grad.abs().max()) < 1e-3
+    with pytest.raises(ValueError, match="class 2: 1 images"):
+        prior.fit(eps[:5], labels[:5])

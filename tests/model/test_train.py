@@ -248,7 +248,7 @@ def labelled(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_a_conditional_run_from_a_checkpoint_starts_as_it_and_holds_out_its_images(labelled: Path,
+def test_a_conditional_run_from_a_checkpoint_starts_from_its_flow_and_holds_out_its_images(labelled: Path,
                                                                                    tmp_path: Path) -> None:
     run, shipped, tuned = tmp_path / "run", tmp_path / "shipped", tmp_path / "tuned"
     assert trainer.main(run_args(labelled, run, "--max-steps", "20")) == 0
@@ -262,9 +262,12 @@ def test_a_conditional_run_from_a_checkpoint_starts_as_it_and_holds_out_its_imag
     assert info["init_from"]["weights_sha256"] == start.meta["weights_sha256"]
     held_out = start.meta["dataset"]["data"]["split"]["validation_indices"]
     assert info["data"]["split"]["validation_indices"] == held_out  # the same images stay unseen
-    first = val_records(tuned)[0]
-    assert first["val_bpd"] == pytest.approx(start.meta["metrics"]["val_bits_per_dim"], abs=1e-5)
-    assert 0.0 <= first["val_accuracy"] <= 1.0
+    begun, _ = load_run(tuned)  # step 0: the checkpoint's flow, its class Gaussians fitted in closed form
+    flow = {k: v for k, v in begun.state_dict().items() if not k.startswith("class_prior.")}
+    assert flow.keys() == start.model.state_dict().keys()
+    assert all(torch.equal(v, start.model.state_dict()[k]) for k, v in flow.items())
+    assert float(begun.class_prior.mean.abs().max()) > 0 and float(begun.class_prior.log_sigma.abs().max()) > 0
+    assert 0.0 <= val_records(tuned)[0]["val_accuracy"] <= 1.0
     assert trainer.main([*args[:-1], "30", "--resume"]) == 0
     assert export_main(["--run", str(tuned), "--test", str(labelled), "--output", str(tmp_path / "out")]) == 0
     tuned_checkpoint = load_checkpoint(tmp_path / "out")
