@@ -72,6 +72,8 @@ class GlowConfig:
         data = asdict(self)
         data["image_shape"] = list(self.image_shape)
         data["labels"] = list(self.labels)
+        if not self.labels:  # an unconditional config reads as it did before classes existed
+            del data["labels"]
         return data
 
     @classmethod

@@ -277,12 +277,12 @@ class TrainData:
 
     train: torch.Tensor
     val: np.ndarray
-    train_labels: torch.Tensor | None  # (N,) class numbers, where the data has labels
-    val_labels: np.ndarray | None
-    label_names: list[str] | None  # where the data names its classes
     # how the data was read, its manifest and the validation indices (``model.data.data_record``); None for a run
     # started before data records, which holds out the last ``val_count`` images
     record: dict[str, Any] | None
+    train_labels: torch.Tensor | None = None  # (N,) class numbers, where the data has labels
+    val_labels: np.ndarray | None = None
+    label_names: list[str] | None = None  # where the data names its classes
 
 
 def load_data(args: argparse.Namespace, previous: dict[str, Any] | None) -> TrainData:
@@ -290,7 +290,7 @@ def load_data(args: argparse.Namespace, previous: dict[str, Any] | None) -> Trai
     else read by the data flags and drawn with ``--val-seed``."""
     if previous is not None and not previous.get("data"):
         train, val = split_validation(load_images(args.train), previous["val_count"])
-        return TrainData(torch.from_numpy(train), val, None, None, None, None)
+        return TrainData(torch.from_numpy(train), val, None)
     if previous is not None:
         dataset, train_index, val_index = reopen(previous["data"], args.train)
         return split_data(dataset, train_index, val_index, previous["data"])
@@ -334,9 +334,9 @@ def held_out_by(checkpoint: Path, train: Path, count: int) -> np.ndarray:
 def split_data(dataset: Dataset, train_index: np.ndarray, val_index: np.ndarray,
                record: dict[str, Any]) -> TrainData:
     labels = dataset.labels
-    return TrainData(torch.from_numpy(dataset.images[train_index]), dataset.images[val_index],
+    return TrainData(torch.from_numpy(dataset.images[train_index]), dataset.images[val_index], record,
                      None if labels is None else torch.from_numpy(labels[train_index]),
-                     None if labels is None else labels[val_index], dataset.label_names, record)
+                     None if labels is None else labels[val_index], dataset.label_names)
 
 
 def previous_run(args: argparse.Namespace) -> dict[str, Any] | None:

@@ -105,7 +105,8 @@ def test_resume_without_a_state_is_refused(data: Path, tmp_path: Path) -> None:
 
 def test_non_finite_losses_skip_steps_and_never_save(data: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(Glow, "forward", lambda self, x, noise=None: torch.full((x.shape[0],), float("nan")))
+    monkeypatch.setattr(Glow, "forward",
+                        lambda self, x, noise=None, labels=None: torch.full((x.shape[0],), float("nan")))
     with pytest.raises(SystemExit, match="non-finite losses in a row"):
         trainer.main(run_args(data, tmp_path / "nan", "--max-steps", "50"))
     assert not (tmp_path / "nan" / trainer.STATE_FILE).exists()
