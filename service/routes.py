@@ -150,6 +150,14 @@ async def model_state(request: Request, state: ReadyDep) -> ModelState:
 
 
 ModelDep = Annotated[ModelState, Depends(model_state)]
+
+
+async def resolve_model(request: Request) -> ModelState:
+    """What ``ModelDep`` gives an endpoint, for callers outside FastAPI's dependency solving (service.fastlane)."""
+    return await model_state(request, await ready_state(await get_state(request)))
+
+
+LANE_PATHS = ("/log-likelihood", "/encode")  # served by service.fastlane: endpoints of (request, ModelDep, bool flags)
 ResizeQuery = Annotated[
     bool, Query(description="resize images of another size to the model's instead of refusing them with 422")
 ]
