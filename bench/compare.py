@@ -93,6 +93,39 @@ def thread_names(pid: int) -> dict[int, str]:
     return {int(tid): name for tid, name in re.findall(r"Thread (\d+) \(\w+\): \"([^\"]+)\"", dump)}
 
 
+# Where the event loop's samples fall: the library of the innermost frame (first match wins).
+LIBRARIES = (
+    ("h11", "h11/"), ("uvicorn", "uvicorn/"), ("multipart", "python_multipart/|multipart/|formparsers"),
+    ("fastapi", "fastapi/"), ("starlette", "starlette/"), ("pydantic", "pydantic"), ("asyncio", "asyncio/|selectors"),
+    ("logging+json", "logging/|json/"), ("prometheus", "prometheus_client"), ("service", "service/"),
+)
+
+
+def start_py_spy(pid: int, seconds: float) -> tuple[subprocess.Popen[bytes], Path]:
+    """py-spy sampling every thread of ``pid`` at 100 Hz for ``seconds``, idle samples left out."""
+    out = Path(tempfile.mkstemp(prefix="glow-spy-", suffix=".txt")[1])
+    command = [PY_SPY, "record", "--pid", str(pid), "--threads", "--nonblocking", "--rate", "100", "--duration",
+               str(round(seconds)), "--format", "raw", "--output", str(out)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), out
+
+
+def finish_py_spy(spy: tuple[subprocess.Popen[bytes], Path]) -> dict[str, float] | None:
+    """The main thread's samples by library, as shares of its samples (None if py-spy could not sample)."""
+    process, out = spy
+    process.wait(60)
+    counts: dict[str, int] = {}
+    for line in out.read_text().splitlines() if out.exists() else []:
+        stack, _, count = line.rpartition(" ")
+        if not stack.startswith("thread") or "MainThread" not in stack.split(";", 1)[0]:
+            continue
+        leaf = stack.rsplit(";", 1)[-1]
+        library = next((name for name, pattern in LIBRARIES if re.search(pattern, leaf)), "other")
+        counts[library] = counts.get(library, 0) + int(count)
+    out.unlink(missing_ok=True)
+    total = sum(counts.values())
+    return {name: n / total for name, n in sorted(counts.items(), key=lambda kv: -kv[1])} if total else None
+
+
 @dataclass
 class Target:
     name: str
@@ -132,19 +165,23 @@ def results_of(port: int, body: bytes, content_type: str) -> list[dict[str, Any]
     return [{key: result[key] for key in FIELDS} for result in json.loads(payload)["results"]]
 
 
-def run_level(target: Target, body: bytes, content_type: str, concurrency: int, duration: float, images: int
-              ) -> dict[str, Any]:
+def run_level(target: Target, body: bytes, content_type: str, concurrency: int, duration: float, images: int,
+              profile: bool = False) -> dict[str, Any]:
+    """One wrk run against one server; ``profile``: py-spy samples its event loop meanwhile."""
     url = f"http://{HOST}:{target.server.port}{ENDPOINT}"
     loadgen.run_wrk(url, body, content_type, concurrency, min(1.0, duration), timeout_s=35)  # warm-up
+    spy = start_py_spy(target.server.process.pid, max(1.0, duration - 1)) if profile else None
     before = thread_cpu(target.server.process.pid)
     result = loadgen.run_wrk(url, body, content_type, concurrency, duration, timeout_s=35)
     cpu = target.split(before, thread_cpu(target.server.process.pid))
+    loop_profile = finish_py_spy(spy) if spy is not None else None
     ok = max(result.ok, 1)
     return {
         "server": target.name, "concurrency": concurrency, "images": images, "requests_per_s": result.throughput,
         "images_per_s": result.throughput * images, "p50_ms": result.latency(50) * 1e3,
         "p99_ms": result.latency(99) * 1e3, "ok": result.ok, "failed": sum(result.statuses.values()) - result.ok
         + result.errors, "cpu_ms_per_request": {part: 1e3 * seconds / ok for part, seconds in cpu.items()},
+        "loop_profile": loop_profile,
     }
 
 
@@ -214,6 +251,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--python", action="append", default=[], metavar="SERVER=PATH",
                    help="the interpreter of one server (ours, old, litserve), e.g. a venv with uvloop (repeat)")
     p.add_argument("--server-arg", action="append", default=[], help="extra flag for both services (repeat)")
+    p.add_argument("--profile", action="store_true",
+                   help="py-spy samples the event loop of ours and old in the first round at the highest concurrency")
     p.add_argument("--json", type=Path, help="also write every run to this JSON file")
     return p.parse_args(argv)
 
@@ -269,13 +308,18 @@ def main(argv: list[str] | None = None) -> int:
         levels = [(1, c, one, one_type) for c in args.concurrency]
         if args.bulk_images:
             levels.append((args.bulk_images, args.bulk_concurrency, bulk, bulk_type))
+        profiled = max(args.concurrency, default=None) if args.profile else None
         for images, concurrency, body, content_type in levels:
-            for order in rotations(list(targets), args.rounds):
+            for round_index, order in enumerate(rotations(list(targets), args.rounds)):
                 for name in order:
-                    run = run_level(targets[name], body, content_type, concurrency, args.duration, images)
+                    profile = round_index == 0 and images == 1 and concurrency == profiled and name != "litserve"
+                    run = run_level(targets[name], body, content_type, concurrency, args.duration, images, profile)
                     runs.append(run)
                     print(f"  {images} img c={concurrency} {name}: {run['requests_per_s']:.1f} req/s,"
                           f" p99 {run['p99_ms']:.0f} ms", flush=True)
+                    if run["loop_profile"]:
+                        print("    event loop (py-spy): " + ", ".join(
+                            f"{library} {share:.0%}" for library, share in run["loop_profile"].items()))
     rows = summarise(runs, list(commands))
     print_table(rows, list(commands))
     print(f"load average after: {os.getloadavg()[0]:.2f}")
