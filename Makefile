@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 FMNIST ?= /usr/share/datasets/fashion-mnist
 MNIST ?= ../shared/data/mnist
 
-.PHONY: serve test bench check-image train-fashion-mnist train-mnist export-fashion-mnist export-mnist
+.PHONY: serve test bench check-image train-fashion-mnist train-mnist export-fashion-mnist export-mnist gpu-data
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -61,3 +61,9 @@ export-fashion-mnist: $(BIN)/.installed
 export-mnist: $(BIN)/.installed
 	$(BIN)/python -m model.export --run runs/mnist --train $(MNIST)/train-images-idx3-ubyte.recon.gz \
 		--test $(MNIST)/t10k-images-idx3-ubyte.gz --output weights/mnist
+
+# The data deploy/gpu-train.sh reads, in .gpu-data/ (ignored by git; carried to a GPU machine).
+gpu-data:
+	mkdir -p .gpu-data/fashion-mnist .gpu-data/mnist
+	cp $(FMNIST)/*-idx?-ubyte.gz .gpu-data/fashion-mnist/
+	cp $(MNIST)/*-idx?-ubyte*.gz .gpu-data/mnist/

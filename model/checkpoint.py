@@ -159,7 +159,11 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
         config = GlowConfig.from_dict(dict(meta["config"]))
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{sidecar}: invalid config: {exc}") from None
-    if json.loads(metadata.get("config", "null")) != config.to_dict():
+    try:  # compared as configs, so fields added since with their defaults compare equal
+        matches = GlowConfig.from_dict(json.loads(metadata.get("config", "null"))) == config
+    except (TypeError, ValueError, AttributeError):
+        matches = False
+    if not matches:
         raise CheckpointError(f"{weights}: config in the weights file does not match the sidecar's")
 
     model = Glow(config)

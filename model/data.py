@@ -240,20 +240,26 @@ class Dataset:
     names: list[str]  # per image: its path relative to a folder, or "#index" in a file
     labels: np.ndarray | None  # (N,) class indices
     channels_inferred: bool  # the channel count came from the data, not from the caller
+    label_names: list[str] | None = None  # per class index, where the data names its classes (subfolders)
 
 
-def _labels_of_files(folder: Path, files: list[Path]) -> np.ndarray | None:
-    """Class labels from the first subfolder of each file, when every file lies in one."""
+def _labels_of_files(folder: Path, files: list[Path]) -> tuple[np.ndarray | None, list[str] | None]:
+    """(class labels, class names) from the first subfolder of each file, when every file lies in one;
+    classes numbered in sorted order of their names."""
     parts = [file.relative_to(folder).parts for file in files]
     if any(len(p) < 2 for p in parts):
-        return None
+        return None, None
     classes = sorted({p[0] for p in parts})
-    return np.array([classes.index(p[0]) for p in parts])
+    index = {name: number for number, name in enumerate(classes)}
+    return np.array([index[p[0]] for p in parts]), classes
 
 
-def _idx_labels(path: Path, count: int) -> np.ndarray | None:
-    """The IDX label file beside an IDX image file (``...-images-idx3...`` -> ``...-labels-idx1...``), if any."""
-    partner = path.with_name(path.name.replace("images", "labels").replace("idx3", "idx1"))
+def _idx_labels(path: Path, count: int, partner: Path | None = None) -> np.ndarray | None:
+    """The labels of an IDX image file: ``partner``, else the IDX label file beside it
+    (``...-images-idx3...`` -> ``...-labels-idx1...``) if any."""
+    if partner is not None and not partner.is_file():
+        raise DataError(f"{partner}: no such label file")
+    partner = partner or path.with_name(path.name.replace("images", "labels").replace("idx3", "idx1"))
     if partner == path or not partner.is_file():
         return None
     raw = partner.read_bytes()
@@ -288,9 +294,13 @@ def _fit_array(images: np.ndarray, size: tuple[int, int], fit: str) -> np.ndarra
 
 
 def load_dataset(
-    path: str | Path, channels: int | None = None, image_size: tuple[int, int] | None = None, fit: str = "scale-crop"
+    path: str | Path, channels: int | None = None, image_size: tuple[int, int] | None = None, fit: str = "scale-crop",
+    labels_path: str | Path | None = None,
 ) -> Dataset:
-    """A folder, ``.npz`` or IDX file as a :class:`Dataset` (channels and sizes as in the module docstring)."""
+    """A folder, ``.npz`` or IDX file as a :class:`Dataset` (channels and sizes as in the module docstring).
+
+    ``labels_path``: an IDX label file for an IDX image file whose labels do not lie beside it under the
+    partner name (``...-images-idx3...`` -> ``...-labels-idx1...``)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
@@ -305,7 +315,7 @@ def load_dataset(
         files = image_files(path)
         images = _folder_images(path, channels, size, fit)
         names = [file.relative_to(path).as_posix() for file in files]
-        labels = _labels_of_files(path, files)
+        labels, label_names = _labels_of_files(path, files)
     else:
         images = load_images(path)
         if images.shape[1] not in CHANNEL_MODES:
@@ -313,8 +323,11 @@ def load_dataset(
         images = convert_channels(images, channels or images.shape[1])
         images = images if size is None else _fit_array(images, size, fit)
         names = [f"#{index}" for index in range(len(images))]
-        labels = _npz_labels(path, len(images)) if path.suffix.lower() == ".npz" else _idx_labels(path, len(images))
-    return Dataset(np.ascontiguousarray(images), names, labels, channels_inferred=channels is None)
+        label_names = None
+        labels = (_npz_labels(path, len(images)) if path.suffix.lower() == ".npz"
+                  else _idx_labels(path, len(images), None if labels_path is None else Path(labels_path)))
+    return Dataset(np.ascontiguousarray(images), names, labels, channels_inferred=channels is None,
+                   label_names=label_names)
 
 
 def _folder_images(
@@ -368,11 +381,13 @@ def check_manifest(path: str | Path, recorded: dict[str, str]) -> None:
 
 
 def data_record(
-    path: str | Path, dataset: Dataset, image_size: tuple[int, int] | None, fit: str, seed: int, val: np.ndarray
+    path: str | Path, dataset: Dataset, image_size: tuple[int, int] | None, fit: str, seed: int, val: np.ndarray,
+    labels_path: str | Path | None = None,
 ) -> dict[str, object]:
     """What a run stores about its data: where, how it was read, the manifest and the validation indices."""
     return {
         "source": str(path),
+        **({} if labels_path is None else {"labels": str(labels_path)}),
         "channels": int(dataset.images.shape[1]),
         "image_size": None if image_size is None else [int(v) for v in image_size],
         "fit": fit,
@@ -404,7 +419,7 @@ def reopen(record: dict, path: str | Path | None = None) -> tuple[Dataset, np.nd
     elif manifest_sha256(manifest(path)) != record["manifest_sha256"]:
         raise DataError(f"{path} is not the data the checkpoint was trained on ({record['files']} files recorded;"
                         " their sha256s differ)")
-    dataset = load_dataset(path, record["channels"], record["image_size"], record["fit"])
+    dataset = load_dataset(path, record["channels"], record["image_size"], record["fit"], record.get("labels"))
     val = np.asarray(record["split"]["validation_indices"], dtype=np.int64)
     return dataset, np.setdiff1d(np.arange(len(dataset.images)), val), val
 

@@ -35,34 +35,58 @@ class BitsPerDim:
     images: int
 
 
+def _labels_of(labels: np.ndarray | torch.Tensor | None, start: int, size: int, model: Glow) -> torch.Tensor | None:
+    return None if labels is None else torch.as_tensor(labels)[start : start + size].to(model.device)
+
+
 @torch.no_grad()
-def score_bin_centre(model: Glow, images: np.ndarray | torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Bits/dim of every image (uint8 (N, C, H, W)) at its bin centres, on the CPU as float64."""
+def score_bin_centre(model: Glow, images: np.ndarray | torch.Tensor, batch_size: int = 256,
+                     labels: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
+    """Bits/dim of every image (uint8 (N, C, H, W)) at its bin centres, on the CPU as float64; with ``labels``
+    (a class-conditional model) of p(x | label) instead of p(x)."""
     data = torch.as_tensor(images)
     out = [
-        model.bits_per_dim(model.log_prob(data[i : i + batch_size].to(model.device))).double().cpu()
+        model.bits_per_dim(model.log_prob(data[i : i + batch_size].to(model.device), None,
+                                          _labels_of(labels, i, batch_size, model))).double().cpu()
         for i in range(0, len(data), batch_size)
     ]
     return torch.cat(out) if out else torch.empty(0, dtype=torch.float64)
 
 
 @torch.no_grad()
-def bits_per_dim(model: Glow, images: np.ndarray | torch.Tensor, batch_size: int = 256, seed: int = 0) -> BitsPerDim:
-    """Mean dequantised and bin-centre bits/dim of ``model`` (in eval mode) over ``images``."""
+def bits_per_dim(model: Glow, images: np.ndarray | torch.Tensor, batch_size: int = 256, seed: int = 0,
+                 labels: np.ndarray | torch.Tensor | None = None) -> BitsPerDim:
+    """Mean dequantised and bin-centre bits/dim of ``model`` (in eval mode) over ``images``; with ``labels``
+    (a class-conditional model) of p(x | label) instead of p(x)."""
     data = torch.as_tensor(images)
     generator = torch.Generator().manual_seed(seed)
     noisy = []
     for i in range(0, len(data), batch_size):
         batch = data[i : i + batch_size]
         noise = torch.rand(batch.shape, generator=generator, dtype=model.dtype)
-        noisy.append(model.bits_per_dim(model.log_prob(batch.to(model.device), noise.to(model.device))).double().cpu())
-    centre = score_bin_centre(model, data, batch_size)
+        log_prob = model.log_prob(batch.to(model.device), noise.to(model.device), _labels_of(labels, i, batch_size, model))
+        noisy.append(model.bits_per_dim(log_prob).double().cpu())
+    centre = score_bin_centre(model, data, batch_size, labels)
     return BitsPerDim(
         dequantized=float(torch.cat(noisy).mean()),
         bin_centre=float(centre.mean()),
         seed=seed,
         images=len(data),
     )
+
+
+@torch.no_grad()
+def classification_accuracy(model: Glow, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
+                            batch_size: int = 256) -> float:
+    """Share of images whose most probable class under a class-conditional model, argmax_k p(k | x) at the bin
+    centres (``model.class_prior``), is their label."""
+    data, truth = torch.as_tensor(images), torch.as_tensor(labels)
+    correct = 0
+    for i in range(0, len(data), batch_size):
+        _, latents, _ = model.log_prob_and_levels(data[i : i + batch_size].to(model.device))
+        predicted = model.class_log_posterior(latents[-1]).argmax(1).cpu()
+        correct += int((predicted == truth[i : i + batch_size]).sum())
+    return correct / max(1, len(data))
 
 
 # ------------------------------------------------------------------ OOD evaluation

@@ -22,10 +22,10 @@ import torch
 from model.anomaly import calibrate
 from model.calibrate import ProvenanceError, anomaly_meta, check_training_file
 from model.card import write_card
-from model.checkpoint import parameter_count, read_sidecar, read_tensors, save_checkpoint
+from model.checkpoint import CheckpointError, parameter_count, read_sidecar, read_tensors, resolve_paths, save_checkpoint
 from model.data import DataError, compact_record, fingerprint, load_dataset, load_images, reopen, split_validation
 from model.device import DeviceUnavailable, exact_float32, resolve_device
-from model.evaluate import bits_per_dim
+from model.evaluate import bits_per_dim, classification_accuracy
 from model.glow import Glow, GlowConfig
 from model.train import LOG_FILE, STATE_FILE, read_state_info
 
@@ -50,8 +50,34 @@ def hardware(info: dict[str, Any]) -> str:
 
 
 def reopen_like(record: dict[str, Any], test: Path) -> Any:
-    """Test images read as the training data was (channels, size, fit)."""
-    return load_dataset(test, record["channels"], record["image_size"], record["fit"]).images
+    """The test set read as the training data was (channels, size, fit): a ``model.data.Dataset``."""
+    return load_dataset(test, record["channels"], record["image_size"], record["fit"])
+
+
+def class_metrics(model: Glow, test: Any, seed: int) -> dict[str, Any]:
+    """A class-conditional model's test accuracy (argmax p(k | x)) and bits/dim of p(x | label), where the test
+    set has labels; {} for an unconditional model."""
+    if not model.conditional:
+        return {}
+    if test.labels is None:
+        return {"test_accuracy": None}
+    given = bits_per_dim(model, test.images, seed=seed, labels=test.labels)
+    return {"test_accuracy": classification_accuracy(model, test.images, test.labels),
+            "test_bits_per_dim_given_label": given.dequantized,
+            "test_bits_per_dim_given_label_bin_centre": given.bin_centre}
+
+
+def init_meta(info: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint a run started from (``--init-from``), with the steps and hours that made it, if readable."""
+    start = info.get("init_from")
+    if not start:
+        return {}
+    try:
+        earlier = read_sidecar(resolve_paths(start["path"])[1]).get("training", {})
+    except CheckpointError:
+        earlier = {}
+    return {"init_from": {**start, "steps": earlier.get("steps"), "wall_time_s": earlier.get("wall_time_s"),
+                          "hardware": earlier.get("hardware")}}
 
 
 def validation_text(record: dict[str, Any] | None, count: int) -> str:
@@ -88,22 +114,24 @@ def main(argv: list[str] | None = None) -> int:
             data, train_index, val_index = reopen(record, args.train)
             train_images, val_images = data.images[train_index], data.images[val_index]
             train_path = Path(args.train or record["source"])
-            test_images = reopen_like(record, args.test)
+            test_set = reopen_like(record, args.test)
         elif args.train is None:
             raise DataError(f"{args.run} records no data: give --train")
         else:
             check_training_file(args.train, info.get("dataset_sha256"))
             train_images, val_images = split_validation(load_images(args.train), info["val_count"])
-            train_path, test_images = args.train, load_images(args.test)
+            train_path, test_set = args.train, load_dataset(args.test)
     except (DataError, ProvenanceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     dataset = info["dataset_name"]
+    test_images = test_set.images
     print(f"scoring {len(test_images)} test, {len(val_images)} validation, {min(TRAIN_SUBSET, len(train_images))}"
           " training images", file=sys.stderr)
     test = bits_per_dim(model, test_images, seed=args.seed)
     val = bits_per_dim(model, val_images, seed=args.seed)
     train = bits_per_dim(model, train_images[:TRAIN_SUBSET], seed=args.seed)
+    classes = class_metrics(model, test_set, args.seed)
     calibration = calibrate(model, torch.as_tensor(val_images))
     steps = int(info["step"])
     per_epoch = len(train_images) // (info["settings"]["batch_size"] * info.get("world_size", 1))
@@ -126,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             "train_bits_per_dim_bin_centre": train.bin_centre,
             "train_images_scored": train.images,
             "dequantization_seed": args.seed,
+            **classes,
         },
         "anomaly": anomaly_meta(info["val_count"]),
         "training": {
@@ -137,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             "hardware": hardware(info),
             "settings": info["settings"],
             "weights": "exponential moving average",
+            **init_meta(info),
         },
     }
     weights = save_checkpoint(model, args.output, meta, calibration)

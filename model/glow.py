@@ -15,8 +15,11 @@ same image always gets the same score. Bits per dimension: -log P / (D * log 2).
 
 The latent of an image is one flat vector per image: the standardised latents eps of
 every level (see ``layers.ConditionalPrior``), level 1's split first, then level 2's,
-..., the top level's last, each flattened in (C, H, W) order. Under the model every
-entry is N(0, 1), so ``decode(T * randn(n, latent_dim))`` samples at temperature T.
+..., the top level's last, each flattened in (C, H, W) order. Under an unconditional
+model every entry is N(0, 1), so ``decode(T * randn(n, latent_dim))`` samples at
+temperature T. A class-conditional model (``GlowConfig.labels``) puts a Gaussian per class
+on the top level's eps instead (``model.class_prior``): its log p(x) is the mixture over
+the classes, and :meth:`Glow.sample` draws the top eps from the chosen or a drawn class.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from model.class_prior import ClassPrior
 from model.layers import ActNorm, ConditionalPrior, FlowStep, Squeeze, TopPrior
 
 
@@ -41,9 +45,13 @@ class GlowConfig:
     steps_per_level: int = 16  # K: flow steps (ActNorm, 1x1 conv, coupling) per level
     hidden_channels: int = 64  # width of every coupling network
     n_bits: int = 8  # bits per pixel the model sees (8: all 256 grey levels)
+    labels: tuple[str, ...] = ()  # class names, index = class number: a class-conditional top prior; () none
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_shape", tuple(int(v) for v in self.image_shape))
+        object.__setattr__(self, "labels", tuple(str(v) for v in self.labels))
+        if len(self.labels) == 1 or len(set(self.labels)) != len(self.labels) or not all(self.labels):
+            raise ValueError(f"labels must be 2 or more distinct non-empty names (or none), got {list(self.labels)}")
         c, h, w = self.image_shape
         if len(self.image_shape) != 3 or min(self.image_shape) < 1:
             raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {self.image_shape}")
@@ -63,6 +71,7 @@ class GlowConfig:
     def to_dict(self) -> dict[str, object]:
         data = asdict(self)
         data["image_shape"] = list(self.image_shape)
+        data["labels"] = list(self.labels)
         return data
 
     @classmethod
@@ -85,6 +94,11 @@ def split_latents(z: Tensor, shapes: list[tuple[int, int, int]]) -> list[Tensor]
     if z.ndim != 2 or z.shape[1] != sum(sizes):
         raise ValueError(f"latents must have shape (B, {sum(sizes)}), got {tuple(z.shape)}")
     return [p.reshape(-1, *shape) for p, shape in zip(z.split(sizes, dim=1), shapes)]
+
+
+def _log_standard_normal(eps: Tensor) -> Tensor:
+    """log N(eps; 0, I) summed over each image's latent, shape (B,)."""
+    return (-0.5 * (eps**2 + math.log(2 * math.pi))).flatten(1).sum(1)
 
 
 def _total(level_logdets: list[Tensor], batch: int) -> Tensor:
@@ -148,10 +162,12 @@ class Glow(nn.Module):
     """The whole flow on discrete images: log_prob, sample, encode, decode.
 
     ``levels``: the levels to sequence (:meth:`fold` passes folded ones); by default
-    freshly initialised ones for ``config``.
+    freshly initialised ones for ``config``. ``class_prior``: the conditional top prior when
+    ``config.labels`` names classes (:meth:`fold` passes a copy); by default a fresh one.
     """
 
-    def __init__(self, config: GlowConfig, levels: list[Level] | None = None) -> None:
+    def __init__(self, config: GlowConfig, levels: list[Level] | None = None,
+                 class_prior: ClassPrior | None = None) -> None:
         super().__init__()
         self.config = config
         if levels is None:
@@ -162,6 +178,14 @@ class Glow(nn.Module):
                 levels.append(level)
                 c, h, w = level.out_channels, h // 2, w // 2
         self.levels = nn.ModuleList(levels)
+        if config.labels and class_prior is None:
+            class_prior = ClassPrior(len(config.labels), self.levels[-1].latent_shape)
+        self.class_prior = class_prior if config.labels else None
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the top prior is one Gaussian per class (``config.labels``)."""
+        return self.class_prior is not None
 
     def fold(self, channels_last: bool = False) -> Glow:
         """The inference form: the same density and bijection with everything that does not depend
@@ -173,7 +197,8 @@ class Glow(nn.Module):
         with torch.inference_mode(False), torch.no_grad():  # real tensors, even when called in inference mode
             exact = copy.deepcopy(self).double()
             layout = torch.channels_last if channels_last else torch.contiguous_format
-            folded = Glow(self.config, [level.fold(layout) for level in exact.levels]).to(self.dtype)
+            folded = Glow(self.config, [level.fold(layout) for level in exact.levels],
+                          exact.class_prior).to(self.dtype)
         if channels_last:
             folded = folded.to(memory_format=torch.channels_last)
         return folded.eval().requires_grad_(False)
@@ -246,13 +271,14 @@ class Glow(nn.Module):
         return next(self.parameters()).device
 
     # ------------------------------------------------------------ densities
-    def log_prob(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
+    def log_prob(self, x: Tensor, noise: Tensor | None = None, labels: Tensor | None = None) -> Tensor:
         """log P(x) in nats of each discrete image in uint8 batch x, shape (B,).
 
         noise=None scores the bin centres (deterministic, for inference); pass
         u ~ U[0, 1)^D of x's shape to get the dequantised training objective.
+        ``labels`` (B,) on a class-conditional model: log P(x | y) instead of the mixture.
         """
-        return self.log_prob_and_latents(x, noise)[0]
+        return self.log_prob_and_levels(x, noise, labels)[0]
 
     def log_prob_and_latents(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
         """:meth:`log_prob` and the eps of every level, from the same pass."""
@@ -260,19 +286,33 @@ class Glow(nn.Module):
         return log_prob, latents
 
     def log_prob_and_levels(
-        self, x: Tensor, noise: Tensor | None = None
+        self, x: Tensor, noise: Tensor | None = None, labels: Tensor | None = None
     ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """:meth:`log_prob_and_latents` and each level's log|det| (B,), which sum to the whole flow's."""
         latents, level_logdets = self.flow_forward_levels(self.to_continuous(x, noise))
-        log_normal = sum(
-            (-0.5 * (eps**2 + math.log(2 * math.pi))).flatten(1).sum(1) for eps in latents
-        )
+        log_prior = sum(_log_standard_normal(eps) for eps in latents[:-1]) + self._log_top_prior(latents[-1], labels)
         logdet = _total(level_logdets, x.shape[0])
-        return log_normal + logdet - self.config.dims * self.config.n_bits * math.log(2), latents, level_logdets
+        return log_prior + logdet - self.config.dims * self.config.n_bits * math.log(2), latents, level_logdets
 
-    def forward(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
+    def _log_top_prior(self, eps: Tensor, labels: Tensor | None) -> Tensor:
+        """log density of the top level's eps: N(0, I), the class mixture, or the given classes' Gaussians."""
+        if self.class_prior is None:
+            if labels is not None:
+                raise ValueError("labels given to an unconditional model")
+            return _log_standard_normal(eps)
+        if labels is None:
+            return self.class_prior.log_mixture(eps)
+        return self.class_prior.log_likelihood_of(eps, labels)
+
+    def class_log_posterior(self, top_eps: Tensor) -> Tensor:
+        """log p(k | x), shape (B, K), from the top level's eps (the last of :meth:`log_prob_and_levels`'s latents)."""
+        if self.class_prior is None:
+            raise ValueError("an unconditional model has no classes")
+        return torch.log_softmax(self.class_prior.log_joint(top_eps), dim=1)
+
+    def forward(self, x: Tensor, noise: Tensor | None = None, labels: Tensor | None = None) -> Tensor:
         """Same as :meth:`log_prob` (so DistributedDataParallel can wrap the training objective)."""
-        return self.log_prob(x, noise)
+        return self.log_prob(x, noise, labels)
 
     def bits_per_dim(self, log_prob: Tensor) -> Tensor:
         """-log P / (D log 2): nats of whole images -> bits per pixel value."""
@@ -315,14 +355,32 @@ class Glow(nn.Module):
         return self.to_pixels(self.flow_inverse(split_latents(z.to(self.dtype), self.latent_shapes))[0])
 
     @torch.no_grad()
-    def sample(self, n: int, temperature: float = 0.7, seed: int | None = None) -> Tensor:
-        """n uint8 images drawn with every prior's std scaled by ``temperature``."""
+    def sample(self, n: int, temperature: float = 0.7, seed: int | None = None, label: int | None = None) -> Tensor:
+        """n uint8 images: :meth:`sample_latents` decoded."""
+        return self.decode(self.sample_latents(n, temperature, seed, label).to(self.device))
+
+    @torch.no_grad()
+    def sample_latents(self, n: int, temperature: float = 0.7, seed: int | None = None,
+                       label: int | None = None) -> Tensor:
+        """n flat latents (float64, on the CPU) drawn with every prior's std scaled by ``temperature``.
+
+        On a class-conditional model the top level's are of class ``label``, or of a class drawn
+        with the training frequencies for each sample when ``label`` is None (the mixture).
+        Drawn on the CPU from ``seed``: the same seed gives the same latents on any device.
+        """
         if n < 1 or not temperature > 0 or not math.isfinite(temperature):
             raise ValueError(f"need n >= 1 and a finite temperature > 0, got n={n}, T={temperature}")
-        generator = torch.Generator()  # on the CPU: the same seed gives the same images on any device
+        if label is not None and not (self.class_prior is not None and 0 <= label < self.class_prior.classes):
+            raise ValueError(f"label {label}: the model has {len(self.config.labels)} classes")
+        generator = torch.Generator()
         if seed is None:
             generator.seed()
         else:
             generator.manual_seed(seed)
-        z = torch.randn(n, self.latent_dim, generator=generator, dtype=torch.float64)
-        return self.decode((z * temperature).to(self.device))
+        z = torch.randn(n, self.latent_dim, generator=generator, dtype=torch.float64) * temperature
+        if self.class_prior is None:
+            return z
+        labels = torch.full((n,), label) if label is not None else self.class_prior.draw_labels(n, generator)
+        latents = split_latents(z, self.latent_shapes)
+        latents[-1] = self.class_prior.place(latents[-1], labels)
+        return flatten_latents(latents)

@@ -48,7 +48,7 @@ class TracedGlow(Glow):
     """
 
     def __init__(self, folded: Glow, trace_batch: int = 8) -> None:
-        super().__init__(folded.config, list(folded.levels))
+        super().__init__(folded.config, list(folded.levels), folded.class_prior)
         images = torch.randint(0, 256, (trace_batch, *folded.config.image_shape), dtype=torch.uint8,
                                generator=torch.Generator().manual_seed(0)).to(folded.device)
         with torch.no_grad(), warnings.catch_warnings():
@@ -62,10 +62,13 @@ class TracedGlow(Glow):
                 for method in TRACED_METHODS
             }
 
-    def log_prob_and_levels(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        """As :meth:`Glow.log_prob_and_levels` at the bin centres (the graph has no dequantisation noise)."""
-        if noise is not None:
-            raise ValueError("the traced form scores bin centres only: use the plain Glow for dequantised scores")
+    def log_prob_and_levels(self, x: Tensor, noise: Tensor | None = None,
+                            labels: Tensor | None = None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """As :meth:`Glow.log_prob_and_levels` at the bin centres, of the mixture on a class-conditional
+        model (the graph has no dequantisation noise and no labels)."""
+        if noise is not None or labels is not None:
+            raise ValueError("the traced form scores bin centres only, of p(x): use the plain Glow for dequantised "
+                             "or class-conditional scores")
         self._check_pixels(x)  # here: a traced graph runs no Python checks
         log_prob, latents, level_logdets = self._graphs["log_prob_and_levels"](x)
         return log_prob, list(latents), list(level_logdets)

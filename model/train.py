@@ -33,7 +33,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +43,17 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from model.checkpoint import CheckpointError, read_tensors, save_tensors, write_json
+from model.calibrate import ProvenanceError, check_training_file
+from model.checkpoint import (
+    CheckpointError, load_checkpoint, read_sidecar, read_tensors, resolve_paths, save_tensors, write_json,
+)
 from model.architecture import default_architecture
 from model.data import (
-    FASHION_MNIST_DIR, FITS, DataError, data_record, fingerprint, load_dataset, load_images, reopen, split_indices,
-    split_validation,
+    FASHION_MNIST_DIR, FITS, DataError, Dataset, data_record, fingerprint, load_dataset, load_images, manifest,
+    manifest_sha256, reopen, split_indices, split_validation,
 )
 from model.device import DeviceUnavailable, resolve_device
-from model.evaluate import BitsPerDim, bits_per_dim
+from model.evaluate import BitsPerDim, bits_per_dim, classification_accuracy
 from model.glow import Glow, GlowConfig
 
 STATE_FILE = "state.safetensors"
@@ -179,6 +182,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--train", type=Path, default=FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz",
                       help="training images: IDX (.gz or raw), .npz with 'images' (and 'labels'), or a folder of"
                       " PNG/JPEG/WebP (recursive; class subfolders are labels)")
+    data.add_argument("--train-labels", type=Path, default=None,
+                      help="IDX label file of IDX --train images (default: the labels file beside them, if any)")
     data.add_argument("--channels", type=int, choices=(1, 3), default=None,
                       help="1 (grey) or 3 (RGB); default: inferred from the data (stated in the log)")
     data.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=None,
@@ -196,6 +201,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     arch.add_argument("--steps", type=int, default=None, help="flow steps per level (K)")
     arch.add_argument("--hidden", type=int, default=None, help="coupling network width")
     arch.add_argument("--n-bits", type=int, default=8)
+    arch.add_argument("--conditional", action="store_true",
+                      help="a class-conditional top prior (model/class_prior.py), trained on p(x | label): the data"
+                      " must have labels")
+    arch.add_argument("--label-names", nargs="+", default=None, metavar="NAME",
+                      help="class names, in class-number order (default: the class subfolders' names, else 0..K-1)")
+    arch.add_argument("--init-from", type=Path, default=None, metavar="CHECKPOINT",
+                      help="start from an exported checkpoint's weights and architecture (a fresh optimiser); with"
+                      " --conditional its top prior gains the per-class Gaussians, zero-initialised")
     opt = p.add_argument_group("optimisation")
     defaults = TrainSettings()
     for name, value in asdict(defaults).items():
@@ -264,6 +277,9 @@ class TrainData:
 
     train: torch.Tensor
     val: np.ndarray
+    train_labels: torch.Tensor | None  # (N,) class numbers, where the data has labels
+    val_labels: np.ndarray | None
+    label_names: list[str] | None  # where the data names its classes
     # how the data was read, its manifest and the validation indices (``model.data.data_record``); None for a run
     # started before data records, which holds out the last ``val_count`` images
     record: dict[str, Any] | None
@@ -274,22 +290,53 @@ def load_data(args: argparse.Namespace, previous: dict[str, Any] | None) -> Trai
     else read by the data flags and drawn with ``--val-seed``."""
     if previous is not None and not previous.get("data"):
         train, val = split_validation(load_images(args.train), previous["val_count"])
-        return TrainData(torch.from_numpy(train), val, None)
+        return TrainData(torch.from_numpy(train), val, None, None, None, None)
     if previous is not None:
         dataset, train_index, val_index = reopen(previous["data"], args.train)
-        return TrainData(torch.from_numpy(dataset.images[train_index]), dataset.images[val_index], previous["data"])
+        return split_data(dataset, train_index, val_index, previous["data"])
     size = tuple(args.image_size) if args.image_size else None
-    dataset = load_dataset(args.train, args.channels, size, args.fit)
+    dataset = load_dataset(args.train, args.channels, size, args.fit, args.train_labels)
     count, channels = len(dataset.images), dataset.images.shape[1]
-    val_count = args.val_count if args.val_count is not None else min(DEFAULT_VAL_COUNT, max(1, count // 10))
-    train_index, val_index = split_indices(count, val_count, args.val_seed, dataset.labels)
     how = "inferred from the data" if dataset.channels_inferred else "as asked"
-    stratified = ", stratified by label" if dataset.labels is not None else ""
+    if args.init_from is not None:
+        val_index = held_out_by(args.init_from, args.train, count)
+        train_index = np.setdiff1d(np.arange(count), val_index)
+        split = f"the {len(val_index)} images {args.init_from} held out"
+    else:
+        val_count = args.val_count if args.val_count is not None else min(DEFAULT_VAL_COUNT, max(1, count // 10))
+        train_index, val_index = split_indices(count, val_count, args.val_seed, dataset.labels)
+        stratified = ", stratified by label" if dataset.labels is not None else ""
+        split = f"{val_count} held out (seed {args.val_seed}{stratified})"
     print(f"data: {count} images of {'x'.join(map(str, dataset.images.shape[1:]))} ({channels} channel"
-          f"{'s' if channels > 1 else ''}, {how}); {val_count} held out for validation (seed {args.val_seed}"
-          f"{stratified})", file=sys.stderr)
-    record = data_record(args.train, dataset, size, args.fit, args.val_seed, val_index)
-    return TrainData(torch.from_numpy(dataset.images[train_index]), dataset.images[val_index], record)
+          f"{'s' if channels > 1 else ''}, {how}); validation: {split}", file=sys.stderr)
+    record = data_record(args.train, dataset, size, args.fit, args.val_seed, val_index, args.train_labels)
+    return split_data(dataset, train_index, val_index, record)
+
+
+def held_out_by(checkpoint: Path, train: Path, count: int) -> np.ndarray:
+    """The validation indices an exported checkpoint held out from its training data (its data record's, or the
+    last ``val_count`` for checkpoints from before data records), after checking ``train`` is that data: a run
+    started from the checkpoint must hold out the same images, or its validation and calibration would score
+    images the weights were trained on."""
+    dataset = read_sidecar(resolve_paths(checkpoint)[1])["dataset"]
+    record = dataset.get("data")
+    if record:
+        if manifest_sha256(manifest(train)) != record["manifest_sha256"]:
+            raise DataError(f"{train} is not the data {checkpoint} was trained on (manifest sha256 differs)")
+        return np.asarray(record["split"]["validation_indices"], dtype=np.int64)
+    try:
+        check_training_file(train, dataset.get("train_files"))
+    except ProvenanceError as exc:
+        raise DataError(str(exc)) from None
+    return np.arange(count - int(dataset["val_count"]), count)
+
+
+def split_data(dataset: Dataset, train_index: np.ndarray, val_index: np.ndarray,
+               record: dict[str, Any]) -> TrainData:
+    labels = dataset.labels
+    return TrainData(torch.from_numpy(dataset.images[train_index]), dataset.images[val_index],
+                     None if labels is None else torch.from_numpy(labels[train_index]),
+                     None if labels is None else labels[val_index], dataset.label_names, record)
 
 
 def previous_run(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -310,13 +357,16 @@ def run_setup(args: argparse.Namespace, previous: dict[str, Any] | None, data: T
     if previous is not None:
         config = GlowConfig.from_dict(previous["config"])
         settings = TrainSettings(**previous["settings"])
+    elif args.init_from is not None:
+        config = replace(load_checkpoint(args.init_from).model.config, labels=class_names(args, data))
+        settings = TrainSettings()
     else:
         try:
             arch = default_architecture(image_shape[1], image_shape[2], args.levels, args.steps, args.hidden)
         except ValueError as exc:
             raise DataError(f"{args.train}: {exc}") from None
         config = GlowConfig(image_shape, arch.levels, arch.steps_per_level,  # type: ignore[arg-type]
-                            arch.hidden_channels, args.n_bits)
+                            arch.hidden_channels, args.n_bits, class_names(args, data))
         settings = TrainSettings()
     for name in asdict(settings):
         if getattr(args, name) is not None:
@@ -326,6 +376,20 @@ def run_setup(args: argparse.Namespace, previous: dict[str, Any] | None, data: T
     if image_shape != config.image_shape:
         raise SystemExit(f"{args.train}: images are {image_shape}, the run's model needs {config.image_shape}")
     return config, settings
+
+
+def class_names(args: argparse.Namespace, data: TrainData) -> tuple[str, ...]:
+    """The classes of a ``--conditional`` run (``--label-names``, the data's names, or 0..K-1); () otherwise."""
+    if not args.conditional:
+        return ()
+    if data.train_labels is None:
+        raise DataError(f"{args.train}: --conditional needs labels (an IDX label file beside the images, 'labels' in"
+                        " the .npz, or class subfolders)")
+    count = int(data.train_labels.max()) + 1
+    names = args.label_names or data.label_names or [str(k) for k in range(count)]
+    if len(names) != count:
+        raise DataError(f"--label-names: {len(names)} names for {count} classes")
+    return tuple(names)
 
 
 @dataclass
@@ -339,9 +403,10 @@ class TrainState:
     step: int = 0
     wall_time: float = 0.0  # seconds of training over every process lifetime of the run
 
-    def loss(self, batch: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Mean dequantised bits/dim of a uint8 batch with its noise u ~ U[0, 1)."""
-        return self.model.bits_per_dim(self.network(batch, noise)).mean()
+    def loss(self, batch: torch.Tensor, noise: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """Mean dequantised bits/dim of a uint8 batch with its noise u ~ U[0, 1): of p(x | label) when
+        the model is class-conditional (``labels`` then the batch's), else of p(x)."""
+        return self.model.bits_per_dim(self.network(batch, noise, labels)).mean()
 
     def update(self, loss: torch.Tensor, settings: TrainSettings) -> None:
         """One optimiser step on ``loss`` at this step's learning rate (the gradient clipped), the EMA
@@ -365,13 +430,44 @@ def seeded_state(config: GlowConfig, settings: TrainSettings, device: torch.devi
     return TrainState(model, model, optimizer, EMA(model, settings.ema_decay))
 
 
-def fresh_state(config: GlowConfig, settings: TrainSettings, data: TrainData, device: torch.device) -> TrainState:
-    """A new run's state: ActNorm initialised from the first batch of the data order, the EMA from that."""
+def fresh_state(config: GlowConfig, settings: TrainSettings, data: TrainData, device: torch.device,
+                init_from: Path | None = None) -> TrainState:
+    """A new run's state: the weights of ``init_from`` (a checkpoint), or ActNorm initialised from the first batch
+    of the data order; the class frequencies from the training labels; the EMA from that."""
     state = seeded_state(config, settings, device)
-    first = data.train[batch_indices(len(data.train), settings.batch_size, 0, settings.seed, 0, 1)]
-    state.model.initialize(first.to(device), torch.Generator(device=device).manual_seed(settings.seed))
+    if init_from is not None:
+        weights = load_checkpoint(init_from, device).model.state_dict()
+        missing, unexpected = state.model.load_state_dict(weights, strict=False)
+        if unexpected or any(not name.startswith("class_prior.") for name in missing):
+            raise CheckpointError(f"{init_from}: weights do not fit the run's model (missing {missing[:3]}, "
+                                  f"unexpected {unexpected[:3]})")
+    else:
+        first = data.train[batch_indices(len(data.train), settings.batch_size, 0, settings.seed, 0, 1)]
+        state.model.initialize(first.to(device), torch.Generator(device=device).manual_seed(settings.seed))
+    if state.model.class_prior is not None and data.train_labels is not None:
+        state.model.class_prior.set_frequencies(data.train_labels)
+        if init_from is not None:
+            fit_class_prior(state.model, data, settings)
     state.ema = EMA(state.model, settings.ema_decay)
     return state
+
+
+CLASS_FIT_IMAGES = 20_000  # training images whose top latents fit the class Gaussians of an --init-from run
+
+
+@torch.no_grad()
+def fit_class_prior(model: Glow, data: TrainData, settings: TrainSettings, limit: int = CLASS_FIT_IMAGES) -> None:
+    """Each class's top-latent Gaussian at its maximum-likelihood value under the (trained) flow, from the first
+    ``limit`` images of a seeded draw, dequantised (one uniform draw each) as the training objective is."""
+    assert model.class_prior is not None and data.train_labels is not None
+    generator = torch.Generator().manual_seed(settings.seed)
+    index = torch.randperm(len(data.train), generator=generator)[:limit]
+    tops = []
+    for start in range(0, len(index), 256):
+        batch = data.train[index[start : start + 256]]
+        noise = torch.rand(batch.shape, generator=generator)
+        tops.append(model.log_prob_and_levels(batch.to(model.device), noise.to(model.device))[1][-1].cpu())
+    model.class_prior.fit(torch.cat(tops), data.train_labels[index])
 
 
 def resumed_state(config: GlowConfig, settings: TrainSettings, path: Path, device: torch.device) -> TrainState:
@@ -383,11 +479,13 @@ def resumed_state(config: GlowConfig, settings: TrainSettings, path: Path, devic
 
 
 def step_batch(data: TrainData, settings: TrainSettings, step: int,
-               cluster: Cluster) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's uint8 batch at ``step`` and its dequantisation noise, on the device."""
+               cluster: Cluster) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """This rank's uint8 batch at ``step``, its dequantisation noise and its labels (where the data has them),
+    on the device."""
     index = batch_indices(len(data.train), settings.batch_size, step, settings.seed, cluster.rank, cluster.world)
     batch = data.train[index].to(cluster.device)
-    return batch, step_noise(batch.shape, step, settings.seed, cluster.rank).to(cluster.device)
+    labels = None if data.train_labels is None else data.train_labels[index].to(cluster.device)
+    return batch, step_noise(batch.shape, step, settings.seed, cluster.rank).to(cluster.device), labels
 
 
 class TrainLog:
@@ -429,10 +527,11 @@ class TrainLog:
             self._images, self._since = 0, time.monotonic()
         self._bar.update(1)
 
-    def validated(self, step: int, wall_time: float, result: BitsPerDim) -> None:
+    def validated(self, step: int, wall_time: float, result: BitsPerDim, accuracy: float | None = None) -> None:
         self.write({"step": step, "wall_time_s": round(wall_time, 1), "val_bpd": result.dequantized,
-                    "val_bpd_bin_centre": result.bin_centre})
-        self.note(f"step {step}: val {result.dequantized:.4f} bits/dim (bin centre {result.bin_centre:.4f})")
+                    "val_bpd_bin_centre": result.bin_centre, **({} if accuracy is None else {"val_accuracy": accuracy})})
+        self.note(f"step {step}: val {result.dequantized:.4f} bits/dim (bin centre {result.bin_centre:.4f})"
+                  + ("" if accuracy is None else f", class accuracy {accuracy:.4f}"))
 
     def end_progress(self) -> None:
         self._bar.close()
@@ -479,7 +578,11 @@ def evaluate(run: Run, state: TrainState, log: TrainLog) -> None:
     """Validation bits/dim of the EMA weights (what gets exported), logged."""
     evaluation = Glow(run.config).to(state.model.device)
     evaluation.load_state_dict(state.ema.shadow)
-    log.validated(state.step, state.wall_time, bits_per_dim(evaluation.eval(), run.data.val, seed=run.settings.seed))
+    evaluation.eval()
+    accuracy = (None if not evaluation.conditional or run.data.val_labels is None
+                else classification_accuracy(evaluation, run.data.val, run.data.val_labels))
+    log.validated(state.step, state.wall_time, bits_per_dim(evaluation, run.data.val, seed=run.settings.seed),
+                  accuracy)
 
 
 def train_loop(run: Run, state: TrainState, log: TrainLog, stop: StopRequest) -> None:
@@ -493,8 +596,8 @@ def train_loop(run: Run, state: TrainState, log: TrainLog, stop: StopRequest) ->
     last_eval = last_save = time.monotonic()
     bad_steps = 0
     while state.step < run.end:
-        batch, noise = step_batch(run.data, settings, state.step, cluster)
-        loss = state.loss(batch, noise)
+        batch, noise, labels = step_batch(run.data, settings, state.step, cluster)
+        loss = state.loss(batch, noise, labels if state.model.conditional else None)
         non_finite, stopping = any_rank(not torch.isfinite(loss), stop.signal is not None,
                                         device=cluster.device, world=cluster.world)
         if stopping:
@@ -529,6 +632,17 @@ def provenance(argv: list[str] | None, previous: dict[str, Any] | None) -> dict[
     return {"command": previous.get("command", command), "resumed_with": [*previous.get("resumed_with", []), command]}
 
 
+def init_record(args: argparse.Namespace, previous: dict[str, Any] | None) -> dict[str, Any]:
+    """The checkpoint a run started from (``--init-from``), its weights' sha256 included, kept across resumes."""
+    if previous is not None:
+        return {k: previous[k] for k in ("init_from",) if k in previous}
+    if args.init_from is None:
+        return {}
+    checkpoint_ = load_checkpoint(args.init_from)
+    return {"init_from": {"path": str(args.init_from), "name": checkpoint_.meta.get("name"),
+                          "weights_sha256": checkpoint_.meta.get("weights_sha256")}}
+
+
 def train(args: argparse.Namespace, argv: list[str] | None) -> int:
     """One training process: set up, step until done or told to stop, save, evaluate, report."""
     cluster = join_cluster(args.device)
@@ -545,10 +659,12 @@ def train(args: argparse.Namespace, argv: list[str] | None) -> int:
         if sha256 is not None and previous.get("dataset_sha256") != sha256:
             print(f"warning: {args.train} differs from the data the run started on", file=sys.stderr)
     else:
-        state = fresh_state(config, settings, data, cluster.device)
+        state = fresh_state(config, settings, data, cluster.device, args.init_from)
         if cluster.lead:
             print(f"model: {config.levels} levels x {config.steps_per_level} steps, width {config.hidden_channels},"
-                  f" on {'x'.join(map(str, config.image_shape))} images", file=sys.stderr)
+                  f" on {'x'.join(map(str, config.image_shape))} images"
+                  + (f", conditional on {len(config.labels)} classes" if config.labels else "")
+                  + (f", from {args.init_from}" if args.init_from else ""), file=sys.stderr)
     if cluster.world > 1:
         state.network = nn.parallel.DistributedDataParallel(state.model)
     if args.stop_at is not None and args.stop_at <= state.step:
@@ -556,7 +672,7 @@ def train(args: argparse.Namespace, argv: list[str] | None) -> int:
     end = settings.max_steps if args.stop_at is None else min(args.stop_at, settings.max_steps)
     record = {"config": config.to_dict(), "settings": asdict(settings), "dataset_name": dataset_name,
               **({"data": data.record} if data.record else {"dataset_sha256": sha256}), "val_count": len(data.val),
-              **provenance(argv, previous),
+              **provenance(argv, previous), **init_record(args, previous),
               "world_size": cluster.world, "device": str(cluster.device)}
     run = Run(cluster, data, config, settings, state_path, end, record)
     stop = StopRequest()

@@ -285,12 +285,36 @@ async def log_likelihood(
                 is_anomaly=score.is_anomaly,
                 heatmap=None if score.heatmap is None else score.heatmap.tolist(),
                 heatmap_overlay=overlay,
+                **_class_fields(state, score),
             )
             for score, overlay in zip(scores, overlays)
         ],
         anomaly_method=state.runner.scorer.method,
         threshold=state.runner.scorer.threshold,
     )
+
+
+def _class_fields(state: ModelState, score: Score) -> dict[str, Any]:
+    """``predicted_label`` and ``label_probabilities`` of a class-conditional model's score; none otherwise."""
+    if score.label_probabilities is None:
+        return {}
+    probabilities = score.label_probabilities.tolist()
+    labels = state.runner.labels
+    return {"predicted_label": labels[max(range(len(labels)), key=probabilities.__getitem__)],
+            "label_probabilities": probabilities}
+
+
+def _class_number(state: ModelState, label: str) -> int:
+    """A class's number from its name or its number (a name first: names may be digits); 422 otherwise."""
+    labels = state.runner.labels
+    if not labels:
+        raise HTTPException(422, "query parameter 'label': this checkpoint is not class-conditional (no labels)")
+    if label in labels:
+        return labels.index(label)
+    if label.isdecimal() and int(label) < len(labels):
+        return int(label)
+    raise HTTPException(422, f"query parameter 'label': {label!r} is neither a class name nor a number below "
+                        f"{len(labels)}; the classes: {', '.join(labels)}")
 
 
 def _overlays(state: ModelState, items: list[Scorable], scores: list[Score]) -> list[str | None]:
@@ -326,13 +350,18 @@ async def sample(
     output: Annotated[
         Literal["json", "png"], Query(alias="format", description="json: base64 PNGs; png: one PNG grid")
     ] = "json",
+    label: Annotated[
+        str | None, Query(max_length=200, description="class-conditional checkpoints: a class's name or number"
+                          " (/model's labels); absent: each sample's class drawn with the training frequencies")
+    ] = None,
 ) -> Response | SampleResponse:
     limit = state.settings.max_sample_n
     if n > limit:
         raise HTTPException(422, f"query parameter 'n': at most {limit} images per request, got {n}")
+    number = None if label is None else _class_number(state, label)
     request.state.images = n
     seed = secrets.randbelow(2**32) if seed is None else seed
-    noise = state.runner.sample_noise(n, temperature, seed)
+    noise = state.runner.sample_noise(n, temperature, seed, number)
     images = await until_disconnected(request, state.samples.submit(list(noise)))
     if output == "png":
         png = await asyncio.to_thread(lambda: imaging.encode_png(imaging.grid(images)))

@@ -67,6 +67,7 @@ class Score:
     percentile: float  # 0..100, share of the reference set scoring lower
     is_anomaly: bool
     heatmap: np.ndarray | None = None  # (H, W) float64, higher = more anomalous there; when asked for
+    label_probabilities: np.ndarray | None = None  # (K,) p(k | x), on a class-conditional model
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,11 @@ class ModelRunner:
         return self.model.config.image_shape
 
     @property
+    def labels(self) -> list[str]:
+        """Class names of a class-conditional checkpoint (index = class number); [] for an unconditional one."""
+        return list(self.model.config.labels)
+
+    @property
     def latent_dim(self) -> int:
         return self.model.latent_dim
 
@@ -244,17 +250,32 @@ class ModelRunner:
         complexity = torch.tensor([item.complexity for item in items], dtype=torch.float64)
         scores = self.scorer.score(self._pixels([item.pixels for item in items]), complexity)
         maps = self._heatmaps(items)
+        posteriors = self._class_probabilities(len(items))
         return [
-            Score(float(ll), float(bpd), float(score), float(pct), bool(flag), heat)
-            for ll, bpd, score, pct, flag, heat in zip(
+            Score(float(ll), float(bpd), float(score), float(pct), bool(flag), heat, probabilities)
+            for ll, bpd, score, pct, flag, heat, probabilities in zip(
                 scores.log_likelihood.tolist(),
                 scores.bits_per_dim.tolist(),
                 scores.anomaly_score.tolist(),
                 scores.percentile.tolist(),
                 scores.is_anomaly.tolist(),
                 maps,
+                posteriors,
             )
         ]
+
+    def _class_probabilities(self, count: int) -> list[np.ndarray | None]:
+        """p(k | x) of the images just scored (a class-conditional model), from that pass's top latents.
+
+        An image whose top latent overflowed (not finite) gets the class frequencies: its
+        likelihoods say nothing about its class, so the answer is the prior's."""
+        if not self.inference.conditional or self._tap is None:
+            return [None] * count
+        posterior = torch.softmax(self.inference.class_log_posterior(self._tap.latents[-1][:count]).double(), dim=1)
+        posterior = posterior.cpu()
+        fallback = torch.softmax(self.inference.class_prior.log_weights.double(), dim=0).cpu()  # type: ignore[union-attr]
+        ok = torch.isfinite(posterior).all(1)
+        return [row.numpy() if good else fallback.numpy() for row, good in zip(posterior, ok.tolist())]
 
     def _heatmaps(self, items: list[Scorable]) -> list[np.ndarray | None]:
         """The maps of the items that asked for one, from the latents of the pass that just scored them."""
@@ -280,11 +301,9 @@ class ModelRunner:
         z = torch.from_numpy(np.stack(latents)).to(self.model.device)
         return list(self.inference.decode(z).cpu().numpy())
 
-    def sample_noise(self, n: int, temperature: float, seed: int) -> np.ndarray:
-        """The latents ``Glow.sample(n, temperature, seed)`` decodes: (n, latent_dim) float64, on the CPU.
+    def sample_noise(self, n: int, temperature: float, seed: int, label: int | None = None) -> np.ndarray:
+        """The latents ``Glow.sample(n, temperature, seed, label)`` decodes: (n, latent_dim) float64.
 
         Drawn per request, so a seed gives the same images whatever else shares the batch.
         """
-        generator = torch.Generator().manual_seed(seed)
-        z = torch.randn(n, self.latent_dim, generator=generator, dtype=torch.float64)
-        return (z * temperature).numpy()
+        return self.model.sample_latents(n, temperature, seed, label).numpy()

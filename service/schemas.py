@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, create_model
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, Strict, create_model, model_serializer
 
 LATENT_ORDER = (
     "the standardised latents of every level, level 1's split first and the top level's last,"
@@ -79,6 +79,17 @@ class ModelInfo(BaseModel):
     latent_order: str = Field(LATENT_ORDER, description="how a latent is laid out")
     anomaly: AnomalyInfo
     limits: Limits
+    labels: list[str] | None = Field(
+        None, description="class names, index = class number, of a class-conditional checkpoint (absent otherwise)"
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_labels(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """An unconditional checkpoint's /model has no ``labels`` key (API.md, Extensions)."""
+        data = handler(self)
+        if data.get("labels") is None:
+            data.pop("labels", None)
+        return data
 
 
 class ModelSummary(BaseModel):
@@ -119,6 +130,13 @@ class ImageScore(BaseModel):
     )
     heatmap_overlay: str | None = Field(
         None, description="with heatmap_overlay=true: base64 PNG of the image in grey with the heatmap in red"
+    )
+    predicted_label: str | None = Field(
+        None, description="class-conditional checkpoints: the most probable class, argmax_k p(k | x)"
+    )
+    label_probabilities: list[FiniteFloat] | None = Field(
+        None, description="class-conditional checkpoints: p(k | x) for every class k (in /model's labels order),"
+        " summing to 1; log_likelihood stays log p(x), the mixture over classes"
     )
 
 

@@ -15,6 +15,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -158,8 +159,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+BROKEN_PIPE = 128 + 13  # the shell's code for a process ended by SIGPIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Exit codes: 0 done, 2 bad input, an unusable checkpoint or an answer other than 200."""
+    """Exit codes: 0 done, 2 bad input, an unusable checkpoint or an answer other than 200, 141 the reader of
+    standard output closed it."""
     args = parse_args(argv)
     form = args.format or ("jsonl" if args.output and args.output.suffix == ".jsonl" else "csv")
     try:
@@ -182,6 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     output = args.output.open("w", newline="") if args.output else sys.stdout
     try:
         count = write_rows(rows(), output, form)
+    except BrokenPipeError:  # the reader stopped early (``glow score ... | head``): end quietly, as SIGPIPE would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush finds a sink
+        return BROKEN_PIPE
     except (DataError, OSError, httpx.HTTPError) as exc:
         print(f"glow score: {exc}", file=sys.stderr)
         return 2

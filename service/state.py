@@ -219,6 +219,7 @@ class ModelState:
                 reference_size=runner.scorer.reference.numel(),
             ),
             limits=self.limits_info(),
+            labels=list(config.labels) or None,
         )
 
 

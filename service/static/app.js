@@ -124,6 +124,10 @@ function renderScore(file, result) {
     ["anomaly score", result.anomaly_score.toFixed(2)],
     ["bits/dim", result.bits_per_dim.toFixed(3)],
   ];
+  if (result.predicted_label !== undefined) {
+    const p = Math.max(...result.label_probabilities);
+    rows.push(["predicted class", `${result.predicted_label} (${(100 * p).toFixed(1)}%)`]);
+  }
   for (const [label, value] of rows) {
     const dt = document.createElement("dt");
     const dd = document.createElement("dd");
@@ -173,9 +177,12 @@ let sampleRequest = 0;
 async function drawSamples() {
   const temperature = Number($("temperature").value);
   const seed = Math.max(0, Math.floor(Number($("seed").value) || 0));
+  const label = $("label-select").value;
   const request = ++sampleRequest;
   try {
-    const body = await api(`/sample?n=${SAMPLES}&temperature=${temperature}&seed=${seed}`);
+    const query = `n=${SAMPLES}&temperature=${temperature}&seed=${seed}` +
+      (label ? `&label=${encodeURIComponent(label)}` : "");
+    const body = await api(`/sample?${query}`);
     if (request !== sampleRequest) return; // a newer request is on its way
     const grid = $("sample-grid");
     grid.replaceChildren(...body.images.map((image, index) => {
@@ -200,6 +207,7 @@ function setUpSamples() {
   };
   slider.addEventListener("input", () => { show(); soon(); });
   $("seed").addEventListener("change", soon);
+  $("label-select").addEventListener("change", soon);
   $("sample-form").addEventListener("submit", (event) => {
     event.preventDefault();
     drawSamples();
@@ -258,9 +266,17 @@ async function roundTrip(file) {
 }
 
 // -------------------------------------------------------------------- start
+// A class-conditional model's classes in the sample form (GET /model lists them as labels).
+function showLabels(labels) {
+  const select = $("label-select");
+  select.replaceChildren(new Option("any (the mixture)", ""), ...(labels || []).map((name) => new Option(name, name)));
+  $("label-picker").hidden = !labels;
+}
+
 async function refresh() {
   try {
     const model = await loadCard();
+    showLabels(model.labels);
     status(`serving ${model.name} (${model.dataset})`);
     await drawSamples();
   } catch (error) {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import signal
 import subprocess
@@ -236,3 +237,55 @@ def test_provenance_keeps_the_first_command_and_lists_each_resume() -> None:
     assert later["command"] == first["command"]
     assert later["resumed_with"] == ["python -m model.train --output run --resume",
                                      "python -m model.train --output run --resume --lr 1e-4"]
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic squares, labelled by brightness (dim or bright): a class the top latent can tell."""
+    images = synthetic_images()
+    path = tmp_path_factory.mktemp("labelled") / "images.npz"
+    np.savez(path, images=images, labels=(images.max(axis=(1, 2)) >= 203).astype(np.int64))
+    return path
+
+
+def test_a_conditional_run_from_a_checkpoint_starts_from_its_flow_and_holds_out_its_images(labelled: Path,
+                                                                                   tmp_path: Path) -> None:
+    run, shipped, tuned = tmp_path / "run", tmp_path / "shipped", tmp_path / "tuned"
+    assert trainer.main(run_args(labelled, run, "--max-steps", "20")) == 0
+    assert export_main(["--run", str(run), "--test", str(labelled), "--output", str(shipped)]) == 0
+    start = load_checkpoint(shipped)
+    args = run_args(labelled, tuned, "--init-from", str(shipped), "--conditional", "--label-names", "dim", "bright",
+                    "--max-steps", "0")
+    assert trainer.main(args) == 0
+    info = json.loads((tuned / "state.json").read_text())
+    assert info["config"]["labels"] == ["dim", "bright"]
+    assert info["init_from"]["weights_sha256"] == start.meta["weights_sha256"]
+    held_out = start.meta["dataset"]["data"]["split"]["validation_indices"]
+    assert info["data"]["split"]["validation_indices"] == held_out  # the same images stay unseen
+    begun, _ = load_run(tuned)  # step 0: the checkpoint's flow, its class Gaussians fitted in closed form
+    flow = {k: v for k, v in begun.state_dict().items() if not k.startswith("class_prior.")}
+    assert flow.keys() == start.model.state_dict().keys()
+    assert all(torch.equal(v, start.model.state_dict()[k]) for k, v in flow.items())
+    assert float(begun.class_prior.mean.abs().max()) > 0 and float(begun.class_prior.log_sigma.abs().max()) > 0
+    assert 0.0 <= val_records(tuned)[0]["val_accuracy"] <= 1.0
+    assert trainer.main([*args[:-1], "30", "--resume"]) == 0
+    assert export_main(["--run", str(tuned), "--test", str(labelled), "--output", str(tmp_path / "out")]) == 0
+    tuned_checkpoint = load_checkpoint(tmp_path / "out")
+    metrics = tuned_checkpoint.meta["metrics"]
+    assert tuned_checkpoint.model.config.labels == ("dim", "bright")
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    # p(x) >= pi_y p(x | y): the mixture's bits/dim exceed the conditional's by at most log2(1/pi)/D
+    assert metrics["test_bits_per_dim"] <= metrics["test_bits_per_dim_given_label"] + math.log2(2) / 64 + 1e-6
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "classes.png" in card and f"{metrics['test_accuracy']:.4f}" in card and "started from" in card
+
+
+def test_conditional_runs_need_labels_and_the_checkpoints_data(data: Path, labelled: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert trainer.main(run_args(data, tmp_path / "a", "--conditional", "--max-steps", "0")) == 2
+    assert "--conditional needs labels" in capsys.readouterr().err
+    assert trainer.main(run_args(data, tmp_path / "b", "--max-steps", "0")) == 0
+    assert export_main(["--run", str(tmp_path / "b"), "--test", str(data), "--output", str(tmp_path / "ck")]) == 0
+    refused = run_args(labelled, tmp_path / "c", "--init-from", str(tmp_path / "ck"), "--max-steps", "0")
+    assert trainer.main(refused) == 2  # other data than the checkpoint's: its held-out split means nothing here
+    assert "not the data" in capsys.readouterr().err

@@ -32,13 +32,19 @@ SHAPE = (1, 28, 28)
 REPO = Path(__file__).resolve().parents[2]
 
 
-def make_checkpoint(directory: Path, seed: int = 0) -> Path:
-    """A tiny initialised (untrained) Glow on 1x28x28 images, with its calibration, saved to ``directory``."""
+def make_checkpoint(directory: Path, seed: int = 0, labels: Sequence[str] = ()) -> Path:
+    """A tiny initialised (untrained) Glow on 1x28x28 images, with its calibration, saved to ``directory``;
+    with ``labels``, class-conditional, each class's top Gaussian drawn at random (so the classes differ)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = Glow(GlowConfig(image_shape=SHAPE, levels=2, steps_per_level=1, hidden_channels=8))
+        model = Glow(GlowConfig(image_shape=SHAPE, levels=2, steps_per_level=1, hidden_channels=8,
+                                labels=tuple(labels)))
         x = torch.randint(0, 256, (16, *SHAPE), dtype=torch.uint8)
         model.initialize(x)
+        if model.class_prior is not None:
+            with torch.no_grad():
+                model.class_prior.mean.normal_(0.0, 0.5)
+                model.class_prior.log_sigma.uniform_(-0.2, 0.2)
     model.eval()
     meta = {"name": "tiny", "dataset": {"name": "synthetic"}, "metrics": {},
             "heatmap": calibrate_heatmap(model, x, SHAPE[1:]).to_json()}

@@ -81,6 +81,22 @@ def test_score_writes_one_row_per_image_in_order_with_the_served_numbers(
     assert "3 images scored" in capsys.readouterr().err
 
 
+def test_score_into_a_reader_that_stops_early_ends_quietly(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """``glow score ... | head -2``: exit 141 (as SIGPIPE), no traceback, the rows the reader took intact."""
+    # 2,000 rows of CSV (~150 kB) outgrow the pipe's 64 kB buffer: the writer meets the closed end whatever the timing
+    np.savez(tmp_path / "many.npz", images=np.stack(random_pixels(2000, 3))[:, 0])
+    with subprocess.Popen([sys.executable, "-m", "service.cli", "score", str(tmp_path / "many.npz"), "--weights",
+                           str(tiny_checkpoint), "--device", "cpu", "--quiet", "--batch-size", "500"], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as scoring:
+        assert scoring.stdout is not None and scoring.stderr is not None
+        head = [scoring.stdout.readline() for _ in range(2)]
+        scoring.stdout.close()
+        err = scoring.stderr.read()
+        code = scoring.wait(timeout=300)
+    assert head[0].startswith("image,log_likelihood") and head[1].startswith("#0,")
+    assert code == 141 and "Traceback" not in err and "Broken pipe" not in err, err
+
+
 def test_score_names_the_image_it_cannot_score(tmp_path: Path, tiny_checkpoint: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "sub").mkdir()
