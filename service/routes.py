@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from service import imaging
+from service import formdata, imaging
 from service.limits import RequestLimits, base64_decoded_length
 from service.schemas import (
     DecodeRequest,
@@ -532,8 +532,12 @@ async def read_images(
 
 
 async def multipart_images(request: Request, limit: int) -> list[bytes]:
-    """The bytes of every ``images`` file part, or the contract's 4xx."""
-    parser = MultiPartParser(request.headers, request.stream(), max_files=limit, max_fields=64)
+    """The bytes of every ``images`` file part, or the contract's 4xx (a plain body read by ``service.formdata``,
+    any other by Starlette's parser)."""
+    blobs = formdata.image_parts(request.headers["content-type"], await request.body(), limit)
+    if blobs is not None:
+        return blobs
+    parser = MultiPartParser(request.headers, request.stream(), max_files=limit, max_fields=64)  # the body, cached
     try:
         form = await parser.parse()
     except MultiPartException as exc:
