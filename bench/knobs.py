@@ -77,8 +77,8 @@ def knob_variants(model: Glow, names: list[str]) -> list[tuple[str, Callable[[],
         return t.log_prob, t.encode, t.decode, torch.inference_mode
 
     def compiled() -> Any:
-        # the model's cached-weight check (InvertibleConv1x1._cached) guards on tensor versions: dynamo
-        # recompiles until its limit and runs the rest eagerly; its warnings say so at length
+        # dynamo's warnings about recompiling the eager model (and running eagerly past its recompile
+        # limit) are long: keep them out of the table
         logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
         torch._dynamo.reset()
         return torch.compile(model.log_prob, dynamic=False), None, None, torch.inference_mode

@@ -100,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
 
-    model, info = load_run(args.run)
     try:
+        model, info = load_run(args.run)
         device = resolve_device(args.device)
-    except (ValueError, DeviceUnavailable) as exc:
+    except (CheckpointError, ValueError, DeviceUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     model.to(device)

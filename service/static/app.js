@@ -193,6 +193,7 @@ async function drawSamples() {
     }));
     grid.dataset.temperature = String(body.temperature);
     grid.dataset.seed = String(body.seed);
+    grid.dataset.label = label;
   } catch (error) {
     status(error.message, true);
   }

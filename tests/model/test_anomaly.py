@@ -314,3 +314,16 @@ def test_the_transformed_synthetic_sets_are_the_images_turned() -> None:
     assert rotated.shape == (2, 1, 8, 8) and np.array_equal(rotated[0, 0], np.rot90(reference[0, 0]))
     with pytest.raises(ValueError, match="square"):
         synthetic_set("rotated", np.zeros((2, 1, 8, 6), dtype=np.uint8), 2)
+
+
+def test_the_held_out_synthetic_sets_are_what_they_say() -> None:
+    reference = np.random.default_rng(0).integers(0, 256, (4, 1, 12, 12), dtype=np.uint8)
+    assert np.array_equal(synthetic_set("inverted", reference, 4), 255 - reference)
+    binary = synthetic_set("binary", reference, 50)
+    assert set(np.unique(binary)) == {0, 255} and binary.shape == (50, 1, 12, 12)
+    for name in ("blobs", "stripes"):
+        images = synthetic_set(name, reference, 50).astype(np.int16)
+        assert images.shape == (50, 1, 12, 12) and images.std() > 20  # not flat
+        # smooth: neighbouring pixels differ far less than in uniform noise (~85 grey levels on average)
+        assert np.abs(np.diff(images, axis=-1)).mean() < 60, name
+    assert np.array_equal(synthetic_set("stripes", reference, 3, seed=1), synthetic_set("stripes", reference, 3, seed=1))

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from service_testing import REPO, ServerProcess, to_png, wait_until
+from service_testing import REPO, ServerProcess, make_checkpoint, random_pixels, to_png, wait_until
 
 from model.data import load_images
 
@@ -39,15 +39,25 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[ServerProcess]:
-    process = ServerProcess(["--weights", "weights/fashion-mnist", "--max-batch-size", "8"])
+def started(weights: Path) -> Iterator[ServerProcess]:
+    process = ServerProcess(["--weights", str(weights), "--max-batch-size", "8"])
     try:
         process.wait_listening()
         wait_until(lambda: httpx.get(f"{process.url}/readyz").status_code == 200, timeout_s=120)
         yield process
     finally:
         process.kill()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerProcess]:
+    yield from started(Path("weights/fashion-mnist"))
+
+
+@pytest.fixture(scope="module")
+def conditional_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A tiny class-conditional checkpoint's service (classes "cat" and "dog")."""
+    yield from started(make_checkpoint(tmp_path_factory.mktemp("conditional-page"), seed=1, labels=("cat", "dog")))
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +68,7 @@ def browser() -> Iterator[Any]:
         browser.close()
 
 
-@pytest.fixture
-def page(browser: Any, server: ServerProcess) -> Iterator[Any]:
+def opened(browser: Any, server: ServerProcess) -> Iterator[Any]:
     page = browser.new_page(viewport={"width": 900, "height": 1000})
     page.set_default_timeout(TIMEOUT_MS)
     requests: list[str] = []
@@ -69,6 +78,34 @@ def page(browser: Any, server: ServerProcess) -> Iterator[Any]:
     yield page
     assert all(url.startswith(server.url) or url.startswith(("data:", "blob:")) for url in requests), requests
     page.close()
+
+
+@pytest.fixture
+def page(browser: Any, server: ServerProcess) -> Iterator[Any]:
+    yield from opened(browser, server)
+
+
+def test_an_unconditional_model_offers_no_class(page: Any) -> None:
+    assert page.is_hidden("#label-picker")
+
+
+def test_a_class_conditional_model_samples_the_class_chosen_and_names_the_predicted_one(
+    browser: Any, conditional_server: ServerProcess, tmp_path: Path
+) -> None:
+    for page in opened(browser, conditional_server):
+        assert page.is_visible("#label-picker")
+        options = page.eval_on_selector_all("#label-select option", "options => options.map(o => o.value)")
+        assert options == ["", "cat", "dog"]
+        page.select_option("#label-select", "dog")
+        page.wait_for_selector("#sample-grid[data-label='dog']")
+        shown = page.eval_on_selector_all("#sample-grid img", "images => images.map(i => i.src.split(',')[1])")
+        expected = httpx.get(f"{conditional_server.url}/sample",
+                             params={"n": len(shown), "seed": 0, "temperature": 0.7, "label": "dog"}).json()
+        assert shown == expected["images"]
+        (tmp_path / "x.png").write_bytes(to_png(random_pixels(1, seed=4)[0]))
+        page.set_input_files("#score-files", str(tmp_path / "x.png"))
+        page.wait_for_selector("#score-results li")
+        assert "predicted class" in page.inner_text("#score-results li")
 
 
 def test_a_fashion_image_and_a_digit_get_different_verdicts(page: Any, images: dict[str, Path]) -> None:
