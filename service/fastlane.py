@@ -3,8 +3,8 @@ forms): pure ASGI, calling the routes' own endpoint functions.
 
 FastAPI's path for a request matches routes, solves the endpoint's dependencies, validates its
 parameters, runs its own middleware layers and validates the returned model a second time before
-serialising it; on the hot endpoints that was most of the event loop's time per request. The
-lane calls the same dependency and endpoint functions itself (``service.routes``) and serialises
+serialising it: on the hot endpoints, most of the event loop's time per request (bench/README.md,
+"Serving overhead"). The lane calls the same dependency and endpoint functions itself (``service.routes``) and serialises
 the returned model once, with the route's own options.
 
 It takes a request only when it can parse the query exactly as FastAPI would: every parameter
@@ -70,11 +70,8 @@ class FastLaneMiddleware:
     def __init__(self, app: ASGIApp, routes: Sequence[Any], paths: Sequence[str], resolve_model: ModelResolver) -> None:
         self.app = app
         self.resolve_model = resolve_model
-        by_path = {(route.path, frozenset(route.methods)): route for route in routes if isinstance(route, APIRoute)}
-        self.lanes = {
-            path: Lane(by_path[(path, frozenset({"POST"}))], by_path[(MODELS_PREFIX + "{name}" + path, frozenset({"POST"}))])
-            for path in paths
-        }
+        posts = {route.path: route for route in routes if isinstance(route, APIRoute) and route.methods == {"POST"}}
+        self.lanes = {path: Lane(posts[path], posts[MODELS_PREFIX + "{name}" + path]) for path in paths}
 
     def match(self, path: str) -> tuple[Lane, str | None] | None:
         """The lane of a request path and the model name in it (None: the default model)."""
