@@ -20,8 +20,9 @@ one WebP encoding of the image):
   N(0, 1), so the maps say *where* an image is atypical. One-sided.
 - ``level``: the mean of those log maps: a typicality test (Nalisnick et al., 2019,
   arXiv:1906.02994) in latent space. Two-sided.
-- ``global``: the top level's nats, n_L = sum(eps_L^2)/2 - log|det_L|, less a linear
-  fit of them on the lower levels' n_l. A multi-scale flow's lower levels model local
+- ``global``: the top level's nats, n_L = sum(eps_L^2)/2 - log|det_L| (a class-conditional
+  model: -log of its class mixture at eps_L, less log|det_L|), less a linear fit of them on
+  the lower levels' n_l. A multi-scale flow's lower levels model local
   texture, its top level the global layout (Schirrmeister et al., NeurIPS 2020,
   arXiv:2006.10848): a layout costlier than its texture predicts is out of place.
   One-sided, weight 0.5.
@@ -131,6 +132,16 @@ def _finite_rows(tensors: list[Tensor]) -> Tensor:
     return torch.stack([torch.isfinite((t if t.ndim > 1 else t[:, None]).flatten(1)).all(1) for t in tensors]).all(0)
 
 
+def _top_prior_nats(model: Glow, top: Tensor) -> Tensor | None:
+    """-log of a class-conditional model's top prior (the mixture over classes) at the top latent, in float64
+    (squares of float32 latents past ~1e19 overflow float32); None
+    for an unconditional model, whose top prior is N(0, I) (0.5 |eps|^2 up to a constant)."""
+    prior = model.class_prior
+    if prior is None:
+        return None
+    return -prior.log_mixture(top.double())
+
+
 @torch.no_grad()
 def features(model: Glow, x: Tensor, complexity: Tensor | None = None, upside_down: bool = False) -> Features:
     """Likelihood and detector inputs of uint8 images x, from one pass through ``model`` (any form of the Glow).
@@ -148,9 +159,12 @@ def features(model: Glow, x: Tensor, complexity: Tensor | None = None, upside_do
         log_likelihood, latents, level_logdets = log_likelihood[:n], [t[:n] for t in latents], [t[:n] for t in level_logdets]
     overflow = ~_finite_rows([log_likelihood, *latents, *level_logdets]).cpu()
     grid = latents[-1].shape[-2:]
+    top_prior = _top_prior_nats(model, latents[-1])
     latents = [eps.double() for eps in latents]  # squares of float32 latents past ~1e19 overflow float32
     maps = [F.adaptive_avg_pool2d(eps.square().mean(1, keepdim=True), grid).flatten(1) for eps in latents]
     nats = [0.5 * eps.square().flatten(1).sum(1) - ld.double() for eps, ld in zip(latents, level_logdets)]
+    if top_prior is not None:
+        nats[-1] = top_prior - level_logdets[-1].double()
     log_likelihood = torch.where(overflow, LOG_LIKELIHOOD_FLOOR, log_likelihood.double().cpu())
     return Features(
         log_likelihood=log_likelihood,

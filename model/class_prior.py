@@ -64,14 +64,16 @@ class ClassPrior(nn.Module):
             self.log_sigma[k] = chosen.std(0, unbiased=False).clamp_min(min_sigma).log().to(self.log_sigma)
 
     def log_likelihoods(self, eps: Tensor) -> Tensor:
-        """log N(eps_b; m_k, s_k) summed over the latent, shape (B, K), for eps of shape (B, C, H, W)."""
-        standard = (eps.unsqueeze(1) - self.mean) * torch.exp(-self.log_sigma)
-        per_value = -0.5 * (standard**2 + math.log(2 * math.pi)) - self.log_sigma
+        """log N(eps_b; m_k, s_k) summed over the latent, shape (B, K), for eps of shape (B, C, H, W), computed in
+        eps's dtype (float64 eps: float64 throughout)."""
+        mean, log_sigma = self.mean.to(eps.dtype), self.log_sigma.to(eps.dtype)
+        standard = (eps.unsqueeze(1) - mean) * torch.exp(-log_sigma)
+        per_value = -0.5 * (standard**2 + math.log(2 * math.pi)) - log_sigma
         return per_value.flatten(2).sum(2)
 
     def log_joint(self, eps: Tensor) -> Tensor:
         """log pi_k + log N(eps_b; m_k, s_k), shape (B, K): the unnormalised log posterior over classes."""
-        return self.log_likelihoods(eps) + self.log_weights
+        return self.log_likelihoods(eps) + self.log_weights.to(eps.dtype)
 
     def log_mixture(self, eps: Tensor) -> Tensor:
         """log sum_k pi_k N(eps_b; m_k, s_k), shape (B,)."""

@@ -120,7 +120,7 @@ def _stripes(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     waves = np.sin(frequency[:, None, None] * (x * np.cos(angle)[:, None, None] + y * np.sin(angle)[:, None, None])
                    + phase[:, None, None])
     grey = np.round(127.5 * (1 + waves)).astype(np.uint8)
-    return np.ascontiguousarray(np.broadcast_to(grey[:, None], shape))
+    return np.broadcast_to(grey[:, None], shape).copy()
 
 
 def synthetic_set(name: str, reference: np.ndarray, count: int, seed: int = 0) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from pathlib import Path
 
@@ -327,3 +328,16 @@ def test_the_held_out_synthetic_sets_are_what_they_say() -> None:
         # smooth: neighbouring pixels differ far less than in uniform noise (~85 grey levels on average)
         assert np.abs(np.diff(images, axis=-1)).mean() < 60, name
     assert np.array_equal(synthetic_set("stripes", reference, 3, seed=1), synthetic_set("stripes", reference, 3, seed=1))
+
+
+def test_a_class_prior_at_n_0_i_scores_as_the_unconditional_model(model: Glow,
+                                                                    calibration: dict[str, torch.Tensor]) -> None:
+    """The top level's nats of a conditional model come from its class mixture: at zero-initialised classes that
+    is N(0, I), a constant away from the unconditional 0.5 |eps|^2, so every score is the same."""
+    conditional = Glow(dataclasses.replace(CONFIG, labels=("a", "b")))
+    missing, _ = conditional.load_state_dict(model.state_dict(), strict=False)
+    assert all(name.startswith("class_prior.") for name in missing)
+    conditional.eval()
+    plain = AnomalyScorer(model, calibration).score(squares(40, seed=5))
+    given = AnomalyScorer(conditional, calibrate(conditional, squares(400, seed=1))).score(squares(40, seed=5))
+    assert torch.allclose(given.anomaly_score, plain.anomaly_score, rtol=1e-4, atol=1e-4)
