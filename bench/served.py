@@ -98,11 +98,11 @@ def wait_ready(server: Server, path: str, timeout: float) -> float:
 
 @contextmanager
 def started(command: list[str], port: int, env: dict[str, str], log_dir: Path, name: str,
-            ready_path: str, ready_timeout: float) -> Iterator[Server]:
-    """Run ``command`` (our child), wait for readiness, and always stop it: SIGTERM, then SIGKILL."""
+            ready_path: str, ready_timeout: float, cwd: Path = REPO) -> Iterator[Server]:
+    """Run ``command`` (our child) in ``cwd``, wait for readiness, and always stop it: SIGTERM, then SIGKILL."""
     log = log_dir / f"{name}.log"
     with log.open("wb") as out:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
     server = Server(process, port, log, command)
     try:
         seconds = wait_ready(server, ready_path, ready_timeout)

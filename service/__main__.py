@@ -94,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_level=settings.log_level,
         access_log=False,  # service.access logs one structured line per request
         lifespan="on",
+        loop="asyncio",  # not uvicorn's "auto": installing uvloop must not change the loop (no gain measured here)
         http=guarded_protocol(settings.header_timeout_s),
         timeout_keep_alive=settings.keep_alive_s,
     )

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
 from service.batcher import Closed, DeadlineExceeded, Overloaded, Unavailable
+from service.fastlane import FastLaneMiddleware
 from service.imaging import ImageError
 from service.metrics import Metrics
 from service.middleware import (
@@ -30,7 +31,7 @@ from service.middleware import (
     RequestContextMiddleware,
 )
 from service.pages import add_pages
-from service.routes import RETRY_AFTER_S, ClientDisconnected, named_router, router
+from service.routes import LANE_PATHS, RETRY_AFTER_S, ClientDisconnected, named_router, resolve_model, router
 from service.runner import ModelRunner
 from service.schemas import describe_errors
 from service.settings import Settings
@@ -77,6 +78,8 @@ def create_app(settings: Settings, runners: Mapping[str, ModelRunner] | ModelRun
     app.include_router(named_router)
     add_pages(app)
     add_error_handlers(app)
+    app.add_middleware(FastLaneMiddleware, routes=[*router.routes, *named_router.routes], paths=LANE_PATHS,
+                       resolve_model=resolve_model)  # innermost: inside the limits, IDs, metrics and logs
     app.add_middleware(BodyLimitMiddleware, cap_for=state.body_cap, body_timeout_s=settings.body_timeout_s)
     app.add_middleware(AdmissionMiddleware, max_in_flight=settings.max_in_flight,
                        stopping=lambda: state.shutting_down)

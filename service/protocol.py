@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import cast
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -65,9 +66,8 @@ class GuardedH11Protocol(H11Protocol):
     _raw: asyncio.Transport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
-        assert isinstance(transport, asyncio.Transport)
-        self._raw = transport
-        super().connection_made(LingeringTransport(transport, self))  # type: ignore[arg-type]
+        self._raw = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio.Transport subclasses
+        super().connection_made(LingeringTransport(self._raw, self))  # type: ignore[arg-type]
         self._arm_head_timer()
 
     def linger(self) -> None:

@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from service import imaging
+from service import formdata, imaging
 from service.limits import RequestLimits, base64_decoded_length
 from service.schemas import (
     DecodeRequest,
@@ -150,6 +150,14 @@ async def model_state(request: Request, state: ReadyDep) -> ModelState:
 
 
 ModelDep = Annotated[ModelState, Depends(model_state)]
+
+
+async def resolve_model(request: Request) -> ModelState:
+    """What ``ModelDep`` gives an endpoint, for callers outside FastAPI's dependency solving (service.fastlane)."""
+    return await model_state(request, await ready_state(await get_state(request)))
+
+
+LANE_PATHS = ("/log-likelihood", "/encode")  # served by service.fastlane: endpoints of (request, ModelDep, bool flags)
 ResizeQuery = Annotated[
     bool, Query(description="resize images of another size to the model's instead of refusing them with 422")
 ]
@@ -524,8 +532,12 @@ async def read_images(
 
 
 async def multipart_images(request: Request, limit: int) -> list[bytes]:
-    """The bytes of every ``images`` file part, or the contract's 4xx."""
-    parser = MultiPartParser(request.headers, request.stream(), max_files=limit, max_fields=64)
+    """The bytes of every ``images`` file part, or the contract's 4xx (a plain body read by ``service.formdata``,
+    any other by Starlette's parser)."""
+    blobs = formdata.image_parts(request.headers["content-type"], await request.body(), limit)
+    if blobs is not None:
+        return blobs
+    parser = MultiPartParser(request.headers, request.stream(), max_files=limit, max_fields=64)  # the body, cached
     try:
         form = await parser.parse()
     except MultiPartException as exc:
