@@ -84,6 +84,8 @@ def validation_text(record: dict[str, Any] | None, count: int) -> str:
     if not record:
         return f"the last {count} training images, held out from training"
     split = record["split"]
+    if split.get("held_out_by"):
+        return f"the {count} training images that {split['held_out_by']} held out, held out from training again"
     how = "stratified by label" if split["stratified"] else "uniformly"
     return f"{count} training images drawn {how} with seed {split['seed']}, held out from training"
 

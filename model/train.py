@@ -310,6 +310,9 @@ def load_data(args: argparse.Namespace, previous: dict[str, Any] | None) -> Trai
     print(f"data: {count} images of {'x'.join(map(str, dataset.images.shape[1:]))} ({channels} channel"
           f"{'s' if channels > 1 else ''}, {how}); validation: {split}", file=sys.stderr)
     record = data_record(args.train, dataset, size, args.fit, args.val_seed, val_index, args.train_labels)
+    if args.init_from is not None:  # not drawn: the checkpoint's own held-out images
+        record["split"] = {"held_out_by": str(args.init_from), "seed": None, "stratified": False,
+                           "validation_indices": val_index.tolist()}
     return split_data(dataset, train_index, val_index, record)
 
 

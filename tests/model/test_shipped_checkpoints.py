@@ -9,14 +9,18 @@ import torch
 
 from model.anomaly import LOG_LIKELIHOOD_FLOOR, SCORE_CAP, AnomalyScorer, method_name, rows_for
 from model.checkpoint import load_checkpoint
-from model.data import FASHION_MNIST_DIR, load_images
-from model.evaluate import bits_per_dim
+from model.data import FASHION_MNIST_DIR, load_dataset, load_images
+from model.evaluate import bits_per_dim, classification_accuracy
 from model.inference import TracedGlow
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIPPED = {
+TEST_IMAGES = {
     "fashion-mnist": FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz",
     "mnist": ROOT.parent / "shared" / "data" / "mnist" / "t10k-images-idx3-ubyte.gz",
+}
+SHIPPED = {  # checkpoint -> its data set
+    "fashion-mnist": "fashion-mnist", "mnist": "mnist",
+    "fashion-mnist-classes": "fashion-mnist", "mnist-classes": "mnist",  # class-conditional
 }
 SUBSET = 1000  # test images scored here; the sidecar's figures are over all 10,000
 
@@ -33,7 +37,8 @@ def test_checkpoint_loads_and_matches_its_sidecar(name: str) -> None:
     checkpoint = load_checkpoint(shipped(name))
     meta = checkpoint.meta
     assert checkpoint.model.config.to_dict() == meta["config"]
-    assert meta["dataset"]["name"] == name
+    assert meta["dataset"]["name"] == SHIPPED[name]
+    assert checkpoint.model.conditional == name.endswith("-classes")
     assert meta["parameters"] == sum(p.numel() for p in checkpoint.model.parameters())
     assert (shipped(name) / "README.md").read_text().count(f"{meta['metrics']['test_bits_per_dim']:.4f}") >= 1
     samples = checkpoint.model.sample(8, temperature=0.7, seed=0)
@@ -43,7 +48,7 @@ def test_checkpoint_loads_and_matches_its_sidecar(name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_test_images_score_as_the_card_states(name: str) -> None:
-    folder, data = shipped(name), SHIPPED[name]
+    folder, data = shipped(name), TEST_IMAGES[SHIPPED[name]]
     if not data.is_file():
         pytest.skip(f"{data} is not installed")
     checkpoint = load_checkpoint(folder)
@@ -54,11 +59,15 @@ def test_test_images_score_as_the_card_states(name: str) -> None:
     assert result.bin_centre == pytest.approx(metrics["test_bits_per_dim_bin_centre"], abs=0.05)
     assert result.dequantized == pytest.approx(metrics["test_bits_per_dim"], abs=0.05)
     assert result.dequantized > result.bin_centre
+    if checkpoint.model.conditional:  # and its class posterior's accuracy, as the card states
+        labels = load_dataset(data).labels[:SUBSET]
+        accuracy = classification_accuracy(checkpoint.model, images, labels)
+        assert accuracy == pytest.approx(metrics["test_accuracy"], abs=0.05)
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_the_folded_form_the_service_runs_matches_the_model(name: str) -> None:
-    folder, data = shipped(name), SHIPPED[name]
+    folder, data = shipped(name), TEST_IMAGES[SHIPPED[name]]
     if not data.is_file():
         pytest.skip(f"{data} is not installed")
     model = load_checkpoint(folder).model
@@ -82,7 +91,7 @@ def test_the_calibration_serves_the_score_with_and_without_the_orientation_row(n
         assert scorer.reference.numel() == described["reference_size"]
 
 
-@pytest.mark.parametrize("name", sorted(SHIPPED))
+@pytest.mark.parametrize("name", sorted(TEST_IMAGES))
 def test_a_one_pixel_checkerboard_follows_the_overflow_policy(name: str) -> None:
     """Fashion-MNIST's latents pass float32's range on it (floor, cap, flagged); MNIST's stay finite."""
     checkpoint = load_checkpoint(shipped(name))
