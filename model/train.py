@@ -207,8 +207,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     arch.add_argument("--label-names", nargs="+", default=None, metavar="NAME",
                       help="class names, in class-number order (default: the class subfolders' names, else 0..K-1)")
     arch.add_argument("--init-from", type=Path, default=None, metavar="CHECKPOINT",
-                      help="start from an exported checkpoint's weights and architecture (a fresh optimiser); with"
-                      " --conditional its top prior gains the per-class Gaussians, zero-initialised")
+                      help="start from an exported checkpoint's weights and architecture (a fresh optimiser), holding out"
+                      " the images it held out; with --conditional its top latent gets a Gaussian per class, fitted in"
+                      " closed form (fit_class_prior)")
     opt = p.add_argument_group("optimisation")
     defaults = TrainSettings()
     for name, value in asdict(defaults).items():
