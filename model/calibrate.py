@@ -19,11 +19,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from model.anomaly import DETECTORS, ORIENTATION, calibrate, describe, method_name
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from model.data import DataError, load_images, reopen, sha256_file, split_validation
+from model.data import DataError, load_images, manifest, manifest_sha256, reopen, sha256_file, split_validation
 from model.glow import Glow
 
 
@@ -60,6 +61,20 @@ def check_val_count(val_count: int, held_out: int) -> None:
         raise ProvenanceError(
             f"--val-count {val_count}: must be between 1 and the {held_out} images held out from training"
         )
+
+
+def held_out_indices(dataset: dict[str, Any], train: Path, count: int) -> np.ndarray:
+    """The indices, among the ``count`` images of ``train``, that a checkpoint held out from training (its
+    sidecar's ``dataset``): its data record's, after checking ``train`` against the recorded manifest, or, for
+    checkpoints from before data records, the last ``val_count`` after checking ``train``'s sha256.
+    ProvenanceError for other data: its held-out split would not be held out."""
+    record = dataset.get("data")
+    if record:
+        if manifest_sha256(manifest(train)) != record["manifest_sha256"]:
+            raise ProvenanceError(f"{train} is not the data the checkpoint was trained on (manifest sha256 differs)")
+        return np.asarray(record["split"]["validation_indices"], dtype=np.int64)
+    check_training_file(train, dataset.get("train_files"))
+    return np.arange(count - int(dataset["val_count"]), count)
 
 
 def calibration_for(model: Glow, train_path: Path, val_count: int) -> dict[str, torch.Tensor]:

@@ -81,9 +81,7 @@ class ClassPrior(nn.Module):
 
     def log_likelihood_of(self, eps: Tensor, labels: Tensor) -> Tensor:
         """log N(eps_b; m_{y_b}, s_{y_b}) for each image's own label y_b, shape (B,)."""
-        mean, log_sigma = self.mean[labels], self.log_sigma[labels]
-        per_value = -0.5 * (((eps - mean) * torch.exp(-log_sigma)) ** 2 + math.log(2 * math.pi)) - log_sigma
-        return per_value.flatten(1).sum(1)
+        return self.log_likelihoods(eps).gather(1, labels.view(-1, 1)).squeeze(1)
 
     def draw_labels(self, n: int, generator: torch.Generator) -> Tensor:
         """n labels drawn with the mixture weights pi (on the CPU, from ``generator``)."""

@@ -173,8 +173,9 @@ def overlay(pixels: np.ndarray, heat: np.ndarray, overlay_max: float) -> np.ndar
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m model.heatmap --weights DIR --train PATH``: write the sidecar's heatmap calibration."""
+    from model.calibrate import ProvenanceError, held_out_indices
     from model.checkpoint import CheckpointError, load_checkpoint, resolve_paths, write_json
-    from model.data import DataError, load_images, split_validation
+    from model.data import DataError, load_dataset, reopen
 
     p = argparse.ArgumentParser(prog="python -m model.heatmap", description=main.__doc__)
     p.add_argument("--weights", type=Path, required=True, help="checkpoint folder")
@@ -183,9 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         checkpoint = load_checkpoint(args.weights)
-        val_count = args.val_count or int(checkpoint.meta["dataset"]["val_count"])
-        _, val = split_validation(load_images(args.train), val_count)
-    except (CheckpointError, DataError, KeyError) as exc:
+        record = checkpoint.meta["dataset"].get("data")
+        data = reopen(record, args.train)[0] if record else load_dataset(args.train)  # read as at training
+        held_out = held_out_indices(checkpoint.meta["dataset"], args.train, len(data.images))
+        val = data.images[held_out[-args.val_count:] if args.val_count else held_out]
+    except (CheckpointError, DataError, ProvenanceError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     size = checkpoint.model.config.image_shape[1:]

@@ -43,14 +43,14 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from model.calibrate import ProvenanceError, check_training_file
+from model.calibrate import ProvenanceError, held_out_indices
 from model.checkpoint import (
     CheckpointError, load_checkpoint, read_sidecar, read_tensors, resolve_paths, save_tensors, write_json,
 )
 from model.architecture import default_architecture
 from model.data import (
-    FASHION_MNIST_DIR, FITS, DataError, Dataset, data_record, fingerprint, load_dataset, load_images, manifest,
-    manifest_sha256, reopen, split_indices, split_validation,
+    FASHION_MNIST_DIR, FITS, DataError, Dataset, data_record, fingerprint, load_dataset, load_images, reopen,
+    split_indices, split_validation,
 )
 from model.device import DeviceUnavailable, resolve_device
 from model.evaluate import BitsPerDim, bits_per_dim, classification_accuracy
@@ -300,7 +300,10 @@ def load_data(args: argparse.Namespace, previous: dict[str, Any] | None) -> Trai
     count, channels = len(dataset.images), dataset.images.shape[1]
     how = "inferred from the data" if dataset.channels_inferred else "as asked"
     if args.init_from is not None:
-        val_index = held_out_by(args.init_from, args.train, count)
+        try:  # the images it held out, or validation would score images the weights were trained on
+            val_index = held_out_indices(read_sidecar(resolve_paths(args.init_from)[1])["dataset"], args.train, count)
+        except ProvenanceError as exc:
+            raise DataError(str(exc)) from None
         train_index = np.setdiff1d(np.arange(count), val_index)
         split = f"the {len(val_index)} images {args.init_from} held out"
     else:
@@ -315,24 +318,6 @@ def load_data(args: argparse.Namespace, previous: dict[str, Any] | None) -> Trai
         record["split"] = {"held_out_by": str(args.init_from), "seed": None, "stratified": False,
                            "validation_indices": val_index.tolist()}
     return split_data(dataset, train_index, val_index, record)
-
-
-def held_out_by(checkpoint: Path, train: Path, count: int) -> np.ndarray:
-    """The validation indices an exported checkpoint held out from its training data (its data record's, or the
-    last ``val_count`` for checkpoints from before data records), after checking ``train`` is that data: a run
-    started from the checkpoint must hold out the same images, or its validation and calibration would score
-    images the weights were trained on."""
-    dataset = read_sidecar(resolve_paths(checkpoint)[1])["dataset"]
-    record = dataset.get("data")
-    if record:
-        if manifest_sha256(manifest(train)) != record["manifest_sha256"]:
-            raise DataError(f"{train} is not the data {checkpoint} was trained on (manifest sha256 differs)")
-        return np.asarray(record["split"]["validation_indices"], dtype=np.int64)
-    try:
-        check_training_file(train, dataset.get("train_files"))
-    except ProvenanceError as exc:
-        raise DataError(str(exc)) from None
-    return np.arange(count - int(dataset["val_count"]), count)
 
 
 def split_data(dataset: Dataset, train_index: np.ndarray, val_index: np.ndarray,

@@ -12,6 +12,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from model.checkpoint import load_checkpoint, save_checkpoint
+from model.data import sha256_file
 from model.evaluate_heatmap import KINDS, paste_patches
 from model.glow import Glow, GlowConfig
 from model.heatmap import SIDECAR_KEY, HeatmapCalibration, LatentTap, calibrate, level_weights, main, overlay
@@ -113,10 +114,19 @@ def test_json_round_trip_and_refusals(model: Glow, heat_calibration: HeatmapCali
         HeatmapCalibration.from_json({"energy_mean": []}, model.latent_shapes)
 
 
+def test_the_command_refuses_other_data_than_the_checkpoints(model: Glow, tmp_path: Path) -> None:
+    train = tmp_path / "train.npz"
+    np.savez(train, images=blobs(64, seed=5).numpy()[:, 0])
+    save_checkpoint(model, tmp_path / "ckpt", {"dataset": {"val_count": 32, "train_files": {"x": "0" * 64}}})
+    assert main(["--weights", str(tmp_path / "ckpt"), "--train", str(train)]) == 2
+
+
 def test_the_command_writes_the_sidecar_and_keeps_the_weights(model: Glow, tmp_path: Path) -> None:
     train = tmp_path / "train.npz"
     np.savez(train, images=blobs(64, seed=5).numpy()[:, 0])  # (N, H, W)
-    weights = save_checkpoint(model, tmp_path / "ckpt", {"dataset": {"val_count": 32}})
+    # the held-out split is checked against the training file it was held out of (model.calibrate.held_out_indices)
+    weights = save_checkpoint(model, tmp_path / "ckpt",
+                              {"dataset": {"val_count": 32, "train_files": {"train.npz": sha256_file(train)}}})
     sha = load_checkpoint(weights).meta["weights_sha256"]
     assert main(["--weights", str(tmp_path / "ckpt"), "--train", str(train)]) == 0
     checkpoint = load_checkpoint(weights)
