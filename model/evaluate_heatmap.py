@@ -16,9 +16,11 @@ out). Image-level AUROC compares the patched images with the same images unpatch
 by the service's ``anomaly_score`` and by the map's maximum.
 
 The generated set has two halves from one seed: the first chooses among candidate
-maps (the energy or its log, clamped at 0 or signed, equal or coarse-heavy level
-weights: ``model.heatmap`` ships the winner), the second reports. Calibration comes
-from the checkpoint's validation split, as ``python -m model.heatmap`` computes it.
+maps (a grid of :class:`model.heatmap.MapMethod`: level weights, mean filter, log,
+Gaussian smoothing, image-mean subtraction; ``model.heatmap`` ships the winner as
+``SHIPPED``), the second reports. Calibration comes from the checkpoint's validation
+split, as ``python -m model.heatmap`` computes it; the latents from the folded model,
+the form the service runs.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from torch import Tensor
 from model.anomaly import AnomalyScorer
 from model.checkpoint import load_checkpoint
 from model.data import load_images, split_validation
-from model.heatmap import calibrate_from_latents, energies, level_weights
+from model.heatmap import SHIPPED, VERSION_1, HeatmapCalibration, MapMethod, calibrate_from_latents
 
 KINDS = ("digit", "noise", "white", "garment")
 PATCH_SIDES = (7, 11)  # inclusive range of a patch's side, pixels
@@ -85,34 +87,15 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(labels.ravel(), scores.ravel()))
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """A heatmap variant: the energy or its log, clamped at 0 or signed, level weights."""
-
-    log: bool
-    clamp: bool
-    coarse_heavy: bool
-
-    @property
-    def name(self) -> str:
-        return (f"{'log energy' if self.log else 'energy'}, {'clamped' if self.clamp else 'signed'},"
-                f" {'2^(l-L)' if self.coarse_heavy else 'equal'} weights")
-
-    def maps(self, latents: list[Tensor], fit: list[Tensor], size: tuple[int, int]) -> Tensor:
-        """(B, H, W) maps of ``latents``, standardised against the energies ``fit`` of calibration images."""
-        weights = level_weights(len(latents)) if self.coarse_heavy else [1.0] * len(latents)
-        heat = torch.zeros(latents[0].shape[0], *size, dtype=torch.float64)
-        for weight, energy, reference in zip(weights, energies(latents), fit):
-            if self.log:
-                energy, reference = energy.clamp(min=1e-12).log(), reference.clamp(min=1e-12).log()
-            z = (energy - reference.mean(0)) / reference.std(0)
-            z = z.clamp(min=0) if self.clamp else z
-            heat += weight * F.interpolate(z[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-        return heat
-
-
-SHIPPED = Candidate(log=False, clamp=True, coarse_heavy=True)
-CANDIDATES = [Candidate(log, clamp, heavy) for log in (False, True) for clamp in (True, False) for heavy in (True, False)]
+CANDIDATES = [
+    MapMethod(level_ratio=ratio, pool=pool, log=log, sigma=sigma, image_mean_weight=a)
+    for ratio in (1.0, 2.0, 4.0)
+    for pool in (1, 3)
+    for log in (False, True)
+    for sigma in (0.0, 1.0, 2.0, 3.0, 4.0)
+    for a in (0.0, 0.5, 0.8)
+]
+SHOWN = 10  # candidates printed, best first (and version 1, the earlier map)
 
 
 @torch.no_grad()
@@ -136,13 +119,12 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     checkpoint = load_checkpoint(args.weights)
-    model = checkpoint.model
+    model = checkpoint.model.eval().fold()  # as served (service.runner); the same latents to float precision
     size = (model.config.image_shape[1], model.config.image_shape[2])
     _, val = split_validation(load_images(args.train), int(checkpoint.meta["dataset"]["val_count"]))
     val_latents = latents_of(model, torch.as_tensor(val))
-    fit = energies([eps[: len(val) // 2] for eps in val_latents])
     calibration = calibrate_from_latents(val_latents, size)
-    scorer = AnomalyScorer(model, checkpoint.calibration)
+    scorer = AnomalyScorer(checkpoint.model, checkpoint.calibration)
     test, digits = load_images(args.test), load_images(args.digits)
     rng = np.random.default_rng(args.seed)
 
@@ -152,28 +134,36 @@ def main(argv: list[str] | None = None) -> int:
             base = test[rng.choice(len(test), args.per_kind, replace=False)]
             halves[half].append((kind, paste_patches(base, kind, digits, rng)))
 
-    print(f"# choice half ({args.per_kind} images per kind): pixel AUROC of each candidate")
+    print(f"# choice half ({args.per_kind} images per kind): pixel AUROC of {len(CANDIDATES)} candidates, best {SHOWN}")
     print("| candidate | " + " | ".join(KINDS) + " | mean |\n" + "|---" * (len(KINDS) + 2) + "|")
-    means: dict[Candidate, float] = {}
-    choice = [(kind, s, latents_of(model, s.images)) for kind, s in halves["choice"]]
+    choice = [(s.masks, latents_of(model, s.images)) for _, s in halves["choice"]]
+    table: dict[MapMethod, list[float]] = {}
     for candidate in CANDIDATES:
-        values = [auroc(s.masks, candidate.maps(lat, fit, size).numpy()) for _, s, lat in choice]
-        means[candidate] = float(np.mean(values))
-        print(f"| {candidate.name} | " + " | ".join(f"{v:.4f}" for v in values) + f" | {means[candidate]:.4f} |")
-    print(f"\nchosen: {max(means, key=means.__getitem__).name}; shipped (model.heatmap): {SHIPPED.name}")
+        maps = HeatmapCalibration(calibration.mean, calibration.std, 1.0, candidate)
+        table[candidate] = [auroc(masks, maps.maps(lat, size).numpy()) for masks, lat in choice]
+    ranked = sorted(table, key=lambda c: -float(np.mean(table[c])))
+    for candidate in ranked[:SHOWN] + [VERSION_1]:
+        values = table[candidate]
+        print(f"| {candidate.describe().split(';')[0]} | " + " | ".join(f"{v:.4f}" for v in values)
+              + f" | {np.mean(values):.4f} |")
+    print(f"\nchosen: {ranked[0]}\nshipped (model.heatmap.SHIPPED): {SHIPPED}")
 
     print(f"\n# report half ({args.per_kind} images per kind), shipped heatmap, calibrated as served")
-    print("| patch | pixel AUROC | pixel AUROC, changed pixels | image AUROC, anomaly_score | image AUROC, map max |")
-    print("|---|---|---|---|---|")
+    print("| patch | pixel AUROC | pixel AUROC, changed pixels | image AUROC, anomaly_score | image AUROC, map max"
+          " | pixel AUROC, version 1 |")
+    print("|---|---|---|---|---|---|")
+    version_1 = HeatmapCalibration(calibration.mean, calibration.std, 1.0, VERSION_1)
     for kind, s in halves["report"]:
-        heat = calibration.maps(latents_of(model, s.images), size).numpy()
+        latents = latents_of(model, s.images)
+        heat = calibration.maps(latents, size).numpy()
         keep = ~s.masks | s.changed
         clean = calibration.maps(latents_of(model, s.originals), size).numpy()
         scores = [scorer.score(x).anomaly_score.numpy() for x in (s.originals, s.images)]
         labels = np.r_[np.zeros(len(s.images)), np.ones(len(s.images))]
         maxima = np.r_[clean.reshape(len(clean), -1).max(1), heat.reshape(len(heat), -1).max(1)]
         print(f"| {kind} | {auroc(s.masks, heat):.4f} | {auroc(s.masks[keep], heat[keep]):.4f}"
-              f" | {auroc(labels, np.concatenate(scores)):.4f} | {auroc(labels, maxima):.4f} |")
+              f" | {auroc(labels, np.concatenate(scores)):.4f} | {auroc(labels, maxima):.4f}"
+              f" | {auroc(s.masks, version_1.maps(latents, size).numpy()):.4f} |")
     return 0
 
 
