@@ -61,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
             runs: dict[str, list[float]] = {"plain": [], "heatmap": [], "overlay": []}
             scores = runner.score_batch(mapped)
             for _ in range(args.rounds):  # interleaved, so that load changes hit both alike
-                runs["plain"].append(_time(lambda: _json(runner.score_batch(plain))))
-                runs["heatmap"].append(_time(lambda: _json(runner.score_batch(mapped))))
-                runs["overlay"].append(_time(lambda: [
+                runs["plain"].append(_time(lambda plain=plain: _json(runner.score_batch(plain))))
+                runs["heatmap"].append(_time(lambda mapped=mapped: _json(runner.score_batch(mapped))))
+                runs["overlay"].append(_time(lambda mapped=mapped, scores=scores: [
                     imaging.encode_png(runner.overlay_png_pixels(item.pixels, s.heatmap))
                     for item, s in zip(mapped, scores) if s.heatmap is not None]))
             med = {k: statistics.median(v) for k, v in runs.items()}

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from model.anomaly import AnomalyScorer
@@ -130,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
 
     halves: dict[str, list[tuple[str, PatchedSet]]] = {"choice": [], "report": []}
     for kind in KINDS:
-        for half in halves:
+        for sets in halves.values():
             base = test[rng.choice(len(test), args.per_kind, replace=False)]
-            halves[half].append((kind, paste_patches(base, kind, digits, rng)))
+            sets.append((kind, paste_patches(base, kind, digits, rng)))
 
     print(f"# choice half ({args.per_kind} images per kind): pixel AUROC of {len(CANDIDATES)} candidates, best {SHOWN}")
     print("| candidate | " + " | ".join(KINDS) + " | mean |\n" + "|---" * (len(KINDS) + 2) + "|")
