@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from service_testing import files, from_png, random_pixels, to_png
 
 from model.checkpoint import load_checkpoint, resolve_paths, write_json
-from model.heatmap import SIDECAR_KEY, HeatmapCalibration
+from model.heatmap import SIDECAR_KEY, VERSION_1, HeatmapCalibration
 from service.app import create_app
 from service.client import AsyncGlowClient
 from service.settings import Settings
@@ -113,6 +113,34 @@ async def test_a_checkpoint_without_heatmap_calibration_refuses_the_option_with_
         assert (await http.post("/log-likelihood", files=image)).status_code == 200
         response = await http.post("/log-likelihood?heatmap=true", files=image)
         assert response.status_code == 422 and "python -m model.heatmap" in response.json()["detail"]
+
+
+async def test_a_version_1_calibration_written_before_is_served_as_version_1_maps(
+    make_settings: Callable[..., Settings], tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """A sidecar entry without "version" or method parameters: the map of version 1 (model.heatmap.VERSION_1)."""
+    old = tmp_path / "old"
+    old.mkdir()
+    weights, sidecar = resolve_paths(tiny_checkpoint)
+    (old / weights.name).write_bytes(weights.read_bytes())
+    meta = load_checkpoint(tiny_checkpoint).meta
+    entry = {key: meta[SIDECAR_KEY][key] for key in ("energy_mean", "energy_std", "overlay_max")}
+    write_json(old / sidecar.name, {**meta, SIDECAR_KEY: entry})
+    images = random_pixels(2, seed=7)
+    reference = load_checkpoint(tiny_checkpoint)
+    current = HeatmapCalibration.from_json(meta[SIDECAR_KEY], reference.model.latent_shapes)
+    version_1 = HeatmapCalibration(current.mean, current.std, current.overlay_max, VERSION_1)
+    with torch.no_grad():
+        latents = reference.model.log_prob_and_levels(torch.from_numpy(np.stack(images)))[1]
+    app = create_app(make_settings(weights=old))
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://service.test"
+    ) as http:
+        response = await http.post("/log-likelihood?heatmap=true", files=files([to_png(p) for p in images]))
+    assert response.status_code == 200, response.text
+    served = np.asarray([result["heatmap"] for result in response.json()["results"]])
+    assert np.allclose(served, version_1.maps(latents, (28, 28)).numpy(), rtol=1e-3, atol=1e-3)
+    assert not np.allclose(served, current.maps(latents, (28, 28)).numpy(), rtol=1e-3, atol=1e-3)
 
 
 async def test_the_client_asks_for_maps_and_overlays(app: FastAPI) -> None:
