@@ -182,7 +182,7 @@ class HeatmapCalibration:
     method: MapMethod = SHIPPED
 
     def maps(self, latents: list[Tensor], size: tuple[int, int]) -> Tensor:
-        """Heatmaps (B, H, W) float64 on the CPU, finite and >= 0, of the images whose eps of every level are ``latents``."""
+        """Heatmaps (B, H, W) float64 on the CPU, finite and >= 0, of the images whose eps per level are ``latents``."""
         if len(latents) != len(self.mean):
             raise ValueError(f"the calibration has {len(self.mean)} levels, the latents {len(latents)}")
         method = self.method
