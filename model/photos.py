@@ -18,6 +18,7 @@ Needs ``scikit-image`` and ``scikit-learn`` (the ``photos`` extra).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -79,11 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     split = 1.0 - TEST_FRACTION
     train, test = [], []
-    for name in TRAIN_PHOTOS:
-        photo = photograph(name)
-        train.append(patches(photo, (0.0, split), args.train_per_photo, args.size, rng))
-        test.append(patches(photo, (split, 1.0), args.test_per_photo, args.size, rng))
-    unseen = patches(photograph(UNSEEN_PHOTO), (0.0, 1.0), args.unseen, args.size, rng)
+    try:
+        for name in TRAIN_PHOTOS:
+            photo = photograph(name)
+            train.append(patches(photo, (0.0, split), args.train_per_photo, args.size, rng))
+            test.append(patches(photo, (split, 1.0), args.test_per_photo, args.size, rng))
+        unseen = patches(photograph(UNSEEN_PHOTO), (0.0, 1.0), args.unseen, args.size, rng)
+    except ModuleNotFoundError as exc:
+        print(f"python -m model.photos: needs {exc.name}, which is not installed: pip install 'glow-service[photos]'",
+              file=sys.stderr)
+        return 1
     args.output.mkdir(parents=True, exist_ok=True)
     for name, images in (("train", np.concatenate(train)), ("test", np.concatenate(test)), ("unseen", unseen)):
         np.savez(args.output / f"{name}.npz", images=images)

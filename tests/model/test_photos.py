@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
+import sys
+from pathlib import Path
 
-from model.photos import SCALES, patches
+import numpy as np
+import pytest
+
+from model.photos import SCALES, main, patches
 
 
 def column_ramp(height: int = 120, width: int = 200) -> np.ndarray:
@@ -40,3 +44,13 @@ def test_the_draw_is_seeded() -> None:
     first = patches(photo, (0.0, 1.0), 20, 16, np.random.default_rng(3))
     assert np.array_equal(first, patches(photo, (0.0, 1.0), 20, 16, np.random.default_rng(3)))
     assert not np.array_equal(first, patches(photo, (0.0, 1.0), 20, 16, np.random.default_rng(4)))
+
+
+def test_without_the_photos_extra_the_command_says_what_to_install(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, "skimage", None)  # import skimage now raises ModuleNotFoundError
+    monkeypatch.setitem(sys.modules, "skimage.data", None)
+    assert main(["--output", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'glow-service[photos]'" in err and "skimage" in err
+    assert not list(tmp_path.iterdir())
