@@ -239,7 +239,7 @@ def test_patches_are_pasted_where_the_mask_says(kind: str) -> None:
     assert not (patched.changed & ~patched.masks).any()
 
 
-@pytest.mark.parametrize("name", ["fashion-mnist", "mnist", "fashion-mnist-classes", "mnist-classes"])
+@pytest.mark.parametrize("name", ["fashion-mnist", "mnist", "fashion-mnist-classes", "mnist-classes", "photos"])
 def test_the_shipped_checkpoints_carry_a_usable_heatmap_calibration(name: str) -> None:
     sidecar = json.loads((Path(__file__).resolve().parents[2] / "weights" / name / "glow.json").read_text())
     shapes = Glow(GlowConfig.from_dict(sidecar["config"])).latent_shapes
