@@ -251,7 +251,7 @@ class AffineCoupling(nn.Module):
         y_a, y_b = y[:, : self.split_at], y[:, self.split_at :]
         log_scale, shift = self._log_scale_shift(y_a)
         out = y_b if in_place else None
-        x_b = torch.sub(torch.mul(y_b, torch.exp(-log_scale), out=out), shift, out=out)  # y_b / s - t
+        x_b = torch.sub(torch.div(y_b, torch.exp(log_scale), out=out), shift, out=out)  # y_b / s - t
         return (y if in_place else torch.cat([y_a, x_b], dim=1)), log_scale
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
