@@ -9,7 +9,8 @@ FMNIST ?= /usr/share/datasets/fashion-mnist
 MNIST ?= ../shared/data/mnist
 
 .PHONY: serve test bench check-image train-fashion-mnist train-mnist export-fashion-mnist export-mnist gpu-data \
-	train-fashion-mnist-classes train-mnist-classes export-fashion-mnist-classes export-mnist-classes
+	train-fashion-mnist-classes train-mnist-classes export-fashion-mnist-classes export-mnist-classes \
+	photos-data train-photos export-photos
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -85,6 +86,21 @@ export-fashion-mnist: $(BIN)/.installed
 export-mnist: $(BIN)/.installed
 	$(BIN)/python -m model.export --run runs/mnist --train $(MNIST)/train-images-idx3-ubyte.recon.gz \
 		--test $(MNIST)/t10k-images-idx3-ubyte.gz --output weights/mnist
+
+# The RGB checkpoint: 32x32 patches cut from the photographs scikit-image and scikit-learn ship
+# (python -m model.photos, in data/photos, ignored by git), 3 levels x 8 steps, width 64, a cosine
+# from 1e-3 over 2,000 steps (its card: weights/photos/README.md).
+photos-data: $(BIN)/.installed
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[photos]'
+	$(BIN)/python -m model.photos --output data/photos
+
+train-photos: $(BIN)/.installed
+	$(BIN)/python -m model.train --train data/photos/train.npz --dataset-name photos --output runs/photos \
+		--steps 8 --threads 1 --schedule cosine --warmup-steps 200 --max-steps 2000 $(if $(RESUME),--resume)
+
+export-photos: $(BIN)/.installed
+	$(BIN)/python -m model.export --run runs/photos --test data/photos/test.npz --output weights/photos \
+		--name glow-photos
 
 # The data deploy/gpu-train.sh reads, in .gpu-data/ (ignored by git; carried to a GPU machine).
 gpu-data:

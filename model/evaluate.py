@@ -4,6 +4,9 @@
 each OOD set, AUROC, AUPR and FPR at 95% TPR of raw bits/dim, of the anomaly score and of
 the score with the optional orientation detector (when the checkpoint's calibration has
 it), and the false-positive rate the calibrated threshold gives on the in-distribution set.
+Every set is brought to the checkpoint's images: its channels converted (grey -> RGB by
+repetition, RGB -> grey by luma) and, when its size differs, fitted by ``--fit`` (default
+``resize``, what the service's ``resize=true`` does), as :func:`model.data.load_dataset` does.
 
 Bits/dim, both ways papers and the API use them:
 
@@ -24,7 +27,7 @@ from PIL import Image
 
 from model.anomaly import AnomalyScorer, reference_key, rows_for
 from model.checkpoint import CheckpointError, load_checkpoint
-from model.data import DataError, load_images
+from model.data import FITS, DataError, load_dataset
 from model.glow import Glow
 
 
@@ -205,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--synthetic", nargs="*", default=list(SYNTHETIC), choices=SYNTHETIC,
                    help="synthetic OOD sets built from the in-distribution images' shape (default: all)")
     p.add_argument("--synthetic-count", type=int, default=2000)
+    p.add_argument("--fit", choices=FITS, default="resize",
+                   help="how a set of another size is brought to the checkpoint's (default: resize)")
     p.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate of the threshold")
     p.add_argument("--limit", type=int, default=None, help="use at most N images of each set")
     p.add_argument("--batch-size", type=int, default=256)
@@ -219,13 +224,18 @@ def main(argv: list[str] | None = None) -> int:
         if reference_key(rows_for(orientation=True)) in checkpoint.calibration:  # one pass for both
             scorers.append(AnomalyScorer(model, checkpoint.calibration, fpr=args.fpr, inference=inference,
                                          orientation=True))
-        in_images = load_images(args.in_dist)[: args.limit]
+        channels, height, width = model.config.image_shape
+
+        def read(path: str) -> np.ndarray:
+            return load_dataset(path, channels, (height, width), args.fit).images[: args.limit]
+
+        in_images = read(args.in_dist)
         sets = {}
         for spec in args.ood:
             name, _, paths = spec.partition("=")
             if not paths:
                 raise DataError(f"--ood {spec!r}: expected NAME=PATH[,PATH...]")
-            sets[name] = np.concatenate([load_images(path) for path in paths.split(",")])[: args.limit]
+            sets[name] = np.concatenate([read(path) for path in paths.split(",")])[: args.limit]
         for name in args.synthetic:
             sets[name] = synthetic_set(name, in_images, min(args.synthetic_count, args.limit or args.synthetic_count))
     except (CheckpointError, DataError, ValueError) as exc:

@@ -78,6 +78,7 @@ def create_app(settings: Settings, runners: Mapping[str, ModelRunner] | ModelRun
     app.include_router(named_router)
     add_pages(app)
     add_error_handlers(app)
+    document_model_names(app, list(state.models))
     app.add_middleware(FastLaneMiddleware, routes=[*router.routes, *named_router.routes], paths=LANE_PATHS,
                        resolve_model=resolve_model)  # innermost: inside the limits, IDs, metrics and logs
     app.add_middleware(BodyLimitMiddleware, cap_for=state.body_cap, body_timeout_s=settings.body_timeout_s)
@@ -85,6 +86,25 @@ def create_app(settings: Settings, runners: Mapping[str, ModelRunner] | ModelRun
                        stopping=lambda: state.shutting_down)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost: sees every response
     return app
+
+
+def document_model_names(app: FastAPI, names: list[str]) -> None:
+    """``/openapi.json`` lists the served names as the ``enum`` of every ``/models/{name}`` path parameter.
+
+    Only the document changes: validation stays with :func:`service.routes.resolve_model`, so an
+    unknown name is still the contract's 404 listing the names, not a 422.
+    """
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            for operation in (op for item in build()["paths"].values() for op in item.values()):
+                for parameter in operation.get("parameters", []):
+                    if parameter["in"] == "path" and parameter["name"] == "name":
+                        parameter["schema"]["enum"] = names
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def detail(status: int, message: str, retry_after: str | None = None) -> JSONResponse:

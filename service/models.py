@@ -20,7 +20,7 @@ from pathlib import Path
 SEPARATOR = ","
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 WEIGHTS_FILE = "glow.safetensors"
-SHIPPED = ("fashion-mnist", "mnist", "fashion-mnist-classes", "mnist-classes")
+SHIPPED = ("fashion-mnist", "mnist", "fashion-mnist-classes", "mnist-classes", "photos")
 REPO_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 PACKAGED_WEIGHTS = "glow_weights"  # the repository's weights/ folder, installed as package data
 

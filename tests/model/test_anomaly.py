@@ -228,14 +228,18 @@ def test_evaluation_command_prints_a_table_for_every_set(model: Glow, calibratio
     save_checkpoint(model, tmp_path / "ckpt", {"name": "t", "dataset": {"name": "squares"}, "metrics": {}}, calibration)
     np.savez(tmp_path / "in.npz", images=squares(64, seed=7).numpy()[:, 0])
     np.savez(tmp_path / "out.npz", images=synthetic_tensor("uniform", 32).numpy()[:, 0])
+    _, height, width = model.config.image_shape[0], *model.config.image_shape[1:]
+    larger_rgb = np.random.default_rng(0).integers(0, 256, (16, height + 5, width + 3, 3), dtype=np.uint8)
+    np.savez(tmp_path / "rgb.npz", images=larger_rgb)  # converted to grey and resized to the model's size
     code = evaluate_main(["--weights", str(tmp_path / "ckpt"), "--in-dist", str(tmp_path / "in.npz"),
-                          "--ood", f"noise={tmp_path / 'out.npz'}", "--synthetic", "constant", "flipped",
-                          "--synthetic-count", "32", "--fpr", "0.05"])
+                          "--ood", f"noise={tmp_path / 'out.npz'}", "--ood", f"rgb={tmp_path / 'rgb.npz'}",
+                          "--synthetic", "constant", "flipped", "--synthetic-count", "32", "--fpr", "0.05"])
     assert code == 0
     out = capsys.readouterr().out
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines() if line.startswith("| ")}
-    assert set(rows) == {"OOD set", "noise", "constant", "flipped"}
-    for name in ("noise", "constant", "flipped"):
+    assert set(rows) == {"OOD set", "noise", "rgb", "constant", "flipped"}
+    assert int(rows["rgb"][0]) == 16
+    for name in ("noise", "rgb", "constant", "flipped"):
         values = [float(v.strip().rstrip("%")) for v in rows[name]]
         assert all(0 <= v <= 100 for v in values), (name, values)
     assert float(rows["noise"][4]) > 0.95  # anomaly-score AUROC for noise

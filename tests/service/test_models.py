@@ -150,7 +150,8 @@ async def test_openapi_documents_the_named_routes(two_models: httpx.AsyncClient)
     for method, path in MODEL_ENDPOINTS:
         operation = paths[f"/models/{{name}}{path}"][method.lower()]
         assert "404" in operation["responses"]
-        assert any(parameter["name"] == "name" and parameter["in"] == "path" for parameter in operation["parameters"])
+        [name] = [parameter for parameter in operation["parameters"] if parameter["in"] == "path"]
+        assert name["name"] == "name" and name["schema"]["enum"] == ["tiny", "other"]
 
 
 class SlowLoad(ModelRunner):
