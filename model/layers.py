@@ -13,8 +13,8 @@ inference, with what does not depend on the input computed once (call it on a
 float64 copy; ``Glow.fold`` does). ActNorm and the 1x1 convolution fold to a
 :class:`Conv1x1` with a bias, and the two of a flow step compose into one; a
 :class:`ZeroConv2d` folds its output scale into its weights. The folded layers keep
-the signatures above, so the model that sequences them is the same :class:`Chain`
-and ``model.glow.Level``.
+the signatures above; ``model.glow.FoldedLevel`` sequences them with fewer tensor ops (the
+coupling updating the conv's output in place, constant log-dets added once per level).
 
 The multi-scale "split" of the paper is written here as a bijection too
 (:class:`ConditionalPrior`): instead of scoring the factored-out half z_b under
