@@ -83,7 +83,7 @@ def test_the_in_place_steps_leave_the_callers_tensors_alone(form: str) -> None:
     z = 0.7 * torch.randn(4, model.latent_dim, generator=torch.Generator().manual_seed(5))
     x_before, z_before = x.clone(), z.clone()
     with torch.inference_mode():
-        log_prob, latents, _ = folded.log_prob_and_levels(x)
+        _, latents, _ = folded.log_prob_and_levels(x)
         latents_before = [eps.clone() for eps in latents]
         folded.decode(z)
         folded.log_prob(x)  # a second pass writes nothing into the first one's latents
