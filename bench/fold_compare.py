@@ -2,9 +2,9 @@
 
 ``python -m bench.fold_compare --old PATH`` with PATH a checkout of an earlier commit (for
 example ``git worktree add ../old a1150d0``). It loads the same checkpoint into both trees'
-code, then, for each thread count and batch size, times the served scoring pass
-(``log_prob_and_levels``) and ``decode`` of both forms in alternating rounds (so machine noise
-hits both alike), and prints the median images/s and the ratio new/old. It also prints what
+code, two instances of each form, then, for each thread count and batch size, times the served scoring
+pass (``log_prob_and_levels``) and ``decode`` of every instance in alternating rounds (so machine noise
+hits both alike), and prints each form's median images/s and the ratio new/old. It also prints what
 the issue asks of the new form: log-likelihoods within 1e-4 relative of the plain fp32 model,
 decode(encode(x)) == x on test images, the batch-size invariance of log-likelihoods, and how
 many images of a few synthetic sets float32 cannot score (non-finite results).
@@ -48,19 +48,22 @@ def import_old_model(old_root: Path) -> dict[str, ModuleType]:
     return old
 
 
-def images_per_second(fns: dict[str, Callable[[], Any]], batch: int, rounds: int, seconds: float) -> dict[str, float]:
-    """Median images/s of each fn over ``rounds`` alternating rounds of about ``seconds`` each."""
+def images_per_second(fns: dict[str, list[Callable[[], Any]]], batch: int, rounds: int,
+                      seconds: float) -> dict[str, float]:
+    """Median images/s of each name's fns (instances of one form) over ``rounds`` alternating rounds of about
+    ``seconds`` per fn."""
     rates: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
+    for fn in (fn for instances in fns.values() for fn in instances):
         fn()  # warm-up: first calls of a graph optimise it
         fn()
     for _ in range(rounds):
-        for name, fn in fns.items():
-            calls, started = 0, time.perf_counter()
-            while calls < 2 or time.perf_counter() - started < seconds:
-                fn()
-                calls += 1
-            rates[name].append(calls * batch / (time.perf_counter() - started))
+        for name, instances in fns.items():
+            for fn in instances:
+                calls, started = 0, time.perf_counter()
+                while calls < 2 or time.perf_counter() - started < seconds:
+                    fn()
+                    calls += 1
+                rates[name].append(calls * batch / (time.perf_counter() - started))
     return {name: statistics.median(r) for name, r in rates.items()}
 
 
@@ -104,11 +107,17 @@ def main(argv: list[str] | None = None) -> int:
     old_model.load_state_dict(model.state_dict())
     old_model.eval()
     test = torch.from_numpy(load_images(args.data)[:256])
+    builders = {
+        "old": lambda: old["inference"].TracedGlow(old["inference"].FoldedGlow(old_model, channels_last=True)),
+        "new": lambda: TracedGlow(model.fold(channels_last=True)),
+    }
     with torch.inference_mode():
-        forms = {
-            "old": old["inference"].TracedGlow(old["inference"].FoldedGlow(old_model, channels_last=True)),
-            "new": TracedGlow(model.fold(channels_last=True)),
-        }
+        # two instances of each, built old, new, new, old: in A/A runs the instance built first ran a few
+        # percent faster (where its tensors landed), so each form gets one early and one late instance
+        instances = {name: [builders[name]()] for name in ("old", "new")}
+        instances["new"].append(builders["new"]())
+        instances["old"].append(builders["old"]())
+        forms = {name: built[0] for name, built in instances.items()}
         print(f"checkpoint {args.weights}; old tree {args.old}; torch {torch.__version__}")
         print("\n| threads | batch | operation | old images/s | new images/s | new/old |\n|---|---|---|---|---|---|")
         for threads in args.threads:
@@ -118,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                 z = forms["old"].encode(x)
                 for operation in ("log_prob_and_levels", "decode"):
                     argument = z if operation == "decode" else x
-                    fns = {name: (lambda f=f, a=argument, op=operation: getattr(f, op)(a)) for name, f in forms.items()}
+                    fns = {name: [lambda f=f, a=argument, op=operation: getattr(f, op)(a) for f in built]
+                           for name, built in instances.items()}
                     rate = images_per_second(fns, batch, args.rounds, args.seconds)
                     print(f"| {threads} | {batch} | {operation} | {rate['old']:.0f} | {rate['new']:.0f} "
                           f"| {rate['new'] / rate['old']:.2f} |", flush=True)

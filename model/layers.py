@@ -13,8 +13,8 @@ inference, with what does not depend on the input computed once (call it on a
 float64 copy; ``Glow.fold`` does). ActNorm and the 1x1 convolution fold to a
 :class:`Conv1x1` with a bias, and the two of a flow step compose into one; a
 :class:`ZeroConv2d` folds its output scale into its weights. The folded layers keep
-the signatures above, so the model that sequences them is the same :class:`Chain`
-and ``model.glow.Level``.
+the signatures above; ``model.glow.FoldedLevel`` sequences them with fewer tensor ops (the
+coupling updating the conv's output in place, constant log-dets added once per level).
 
 The multi-scale "split" of the paper is written here as a bijection too
 (:class:`ConditionalPrior`): instead of scoring the factored-out half z_b under
@@ -237,17 +237,30 @@ class AffineCoupling(nn.Module):
         # log sigmoid(a) = -softplus(-a): finite where sigmoid(a) underflows to 0 in float32
         return F.logsigmoid(raw), shift
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def couple(self, x: Tensor, in_place: bool = False) -> tuple[Tensor, Tensor]:
+        """(y, log s): log|det| is the sum of the map log s over (C, H, W). ``in_place`` writes y_b into x's
+        second half and returns x (for a caller that owns x: the folded level's own activations)."""
         x_a, x_b = x[:, : self.split_at], x[:, self.split_at :]
         log_scale, shift = self._log_scale_shift(x_a)
-        y_b = (x_b + shift) * torch.exp(log_scale)
-        return torch.cat([x_a, y_b], dim=1), log_scale.sum((1, 2, 3))
+        out = x_b if in_place else None
+        y_b = torch.mul(torch.add(x_b, shift, out=out), torch.exp(log_scale), out=out)  # (x_b + t) * s
+        return (x if in_place else torch.cat([x_a, y_b], dim=1)), log_scale
 
-    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+    def uncouple(self, y: Tensor, in_place: bool = False) -> tuple[Tensor, Tensor]:
+        """(x, log s) of :meth:`couple`'s output y (log|det| of the inverse: minus the map's sum)."""
         y_a, y_b = y[:, : self.split_at], y[:, self.split_at :]
         log_scale, shift = self._log_scale_shift(y_a)
-        x_b = y_b * torch.exp(-log_scale) - shift
-        return torch.cat([y_a, x_b], dim=1), -log_scale.sum((1, 2, 3))
+        out = y_b if in_place else None
+        x_b = torch.sub(torch.div(y_b, torch.exp(log_scale), out=out), shift, out=out)  # y_b / s - t
+        return (y if in_place else torch.cat([y_a, x_b], dim=1)), log_scale
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        y, log_scale = self.couple(x)
+        return y, log_scale.sum((1, 2, 3))
+
+    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        x, log_scale = self.uncouple(y)
+        return x, -log_scale.sum((1, 2, 3))
 
     @torch.no_grad()
     def fold(self) -> AffineCoupling:
@@ -338,17 +351,25 @@ class ConditionalPrior(nn.Module):
         mean, log_sigma = self.prior(z_a).chunk(2, dim=1)
         return mean, log_sigma
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x -> (z_a, eps, log|det|): :meth:`forward` with the halves apart (z_a goes on, eps is a latent)."""
         z_a, z_b = x[:, : self.split_at], x[:, self.split_at :]
         mean, log_sigma = self._mean_log_sigma(z_a)
         eps = (z_b - mean) * torch.exp(-log_sigma)
-        return torch.cat([z_a, eps], dim=1), -log_sigma.flatten(1).sum(1)
+        return z_a, eps, -log_sigma.flatten(1).sum(1)
 
-    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        z_a, eps = y[:, : self.split_at], y[:, self.split_at :]
+    def merge(self, z_a: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+        """(z_a, eps) -> (x, log|det|): :meth:`inverse` of the halves."""
         mean, log_sigma = self._mean_log_sigma(z_a)
         z_b = eps * torch.exp(log_sigma) + mean
         return torch.cat([z_a, z_b], dim=1), log_sigma.flatten(1).sum(1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        z_a, eps, logdet = self.split(x)
+        return torch.cat([z_a, eps], dim=1), logdet
+
+    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        return self.merge(y[:, : self.split_at], y[:, self.split_at :])
 
     @torch.no_grad()
     def fold(self) -> ConditionalPrior:
@@ -377,6 +398,15 @@ class TopPrior(nn.Module):
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         z = y * torch.exp(self.log_sigma) + self.mean
         return z, _batch_logdet(self.log_sigma.sum(), y.shape[0])
+
+    def split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """As :meth:`ConditionalPrior.split`: nothing goes on from the top level, all of x is the latent."""
+        eps, logdet = self(x)
+        return x[:, :0], eps, logdet
+
+    def merge(self, z_a: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+        """As :meth:`ConditionalPrior.merge`; z_a is empty."""
+        return self.inverse(eps)
 
     def fold(self) -> TopPrior:
         """Nothing depends on the input but mu and sigma: a copy (``torch.jit.freeze`` folds exp(log_sigma))."""

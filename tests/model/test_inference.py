@@ -76,6 +76,22 @@ def test_decoded_samples_match_the_model(form: str) -> None:
 
 
 @pytest.mark.parametrize("form", list(FORMS))
+def test_the_in_place_steps_leave_the_callers_tensors_alone(form: str) -> None:
+    model = tiny_glow()
+    folded = FORMS[form](model)
+    x = images(4)
+    z = 0.7 * torch.randn(4, model.latent_dim, generator=torch.Generator().manual_seed(5))
+    x_before, z_before = x.clone(), z.clone()
+    with torch.inference_mode():
+        _, latents, _ = folded.log_prob_and_levels(x)
+        latents_before = [eps.clone() for eps in latents]
+        folded.decode(z)
+        folded.log_prob(x)  # a second pass writes nothing into the first one's latents
+    assert torch.equal(x, x_before) and torch.equal(z, z_before)
+    assert all(torch.equal(eps, before) for eps, before in zip(latents, latents_before))
+
+
+@pytest.mark.parametrize("form", list(FORMS))
 def test_batches_are_scored_like_single_images(form: str) -> None:
     folded = FORMS[form](tiny_glow())
     x = images(5)

@@ -168,3 +168,17 @@ def test_invconv_logdet_is_sum_of_log_s_times_pixels() -> None:
     torch.testing.assert_close(torch.linalg.slogdet(weight)[1], conv.log_s.sum())
     _, logdet = conv(torch.randn(2, 5, 3, 7, dtype=torch.float64))
     torch.testing.assert_close(logdet, conv.log_s.sum().expand(2) * 21)
+
+
+def test_the_coupling_in_place_is_the_same_bijection_written_into_its_input() -> None:
+    coupling = LAYERS["coupling"]().eval()
+    x = inputs(5)
+    with torch.no_grad():
+        y, log_scale = coupling.couple(x)
+        buffer = x.clone()
+        y_in_place, log_scale_in_place = coupling.couple(buffer, in_place=True)
+        assert y_in_place is buffer and torch.equal(y_in_place, y) and torch.equal(log_scale_in_place, log_scale)
+        back, inverse_log_scale = coupling.uncouple(buffer, in_place=True)
+        assert back is buffer and torch.equal(inverse_log_scale, log_scale)
+        torch.testing.assert_close(back, x, rtol=0, atol=1e-12)
+        torch.testing.assert_close(coupling(x)[1], log_scale.sum((1, 2, 3)), rtol=0, atol=0)  # log|det|: the map's sum
