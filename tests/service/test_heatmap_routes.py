@@ -96,16 +96,20 @@ async def test_the_option_on_another_endpoint_or_of_the_wrong_type_is_422(client
     assert response.status_code == 422 and "heatmap" in response.json()["detail"]
 
 
+def with_heatmap_entry(checkpoint: Path, folder: Path, entry: dict | None) -> Path:
+    """A copy of ``checkpoint`` in ``folder`` whose sidecar's heatmap entry is ``entry`` (None: none)."""
+    folder.mkdir()
+    weights, sidecar = resolve_paths(checkpoint)
+    (folder / weights.name).write_bytes(weights.read_bytes())
+    meta = {key: value for key, value in load_checkpoint(checkpoint).meta.items() if key != SIDECAR_KEY}
+    write_json(folder / sidecar.name, meta if entry is None else {**meta, SIDECAR_KEY: entry})
+    return folder
+
+
 async def test_a_checkpoint_without_heatmap_calibration_refuses_the_option_with_422(
     make_settings: Callable[..., Settings], tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
-    bare = tmp_path / "bare"
-    bare.mkdir()
-    weights, sidecar = resolve_paths(tiny_checkpoint)
-    (bare / weights.name).write_bytes(weights.read_bytes())
-    meta = load_checkpoint(tiny_checkpoint).meta
-    write_json(bare / sidecar.name, {k: v for k, v in meta.items() if k != SIDECAR_KEY})
-    app = create_app(make_settings(weights=bare))
+    app = create_app(make_settings(weights=with_heatmap_entry(tiny_checkpoint, tmp_path / "bare", None)))
     async with app.router.lifespan_context(app), httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://service.test"
     ) as http:
@@ -119,15 +123,11 @@ async def test_a_version_1_calibration_written_before_is_served_as_version_1_map
     make_settings: Callable[..., Settings], tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
     """A sidecar entry without "version" or method parameters: the map of version 1 (model.heatmap.VERSION_1)."""
-    old = tmp_path / "old"
-    old.mkdir()
-    weights, sidecar = resolve_paths(tiny_checkpoint)
-    (old / weights.name).write_bytes(weights.read_bytes())
-    meta = load_checkpoint(tiny_checkpoint).meta
-    entry = {key: meta[SIDECAR_KEY][key] for key in ("energy_mean", "energy_std", "overlay_max")}
-    write_json(old / sidecar.name, {**meta, SIDECAR_KEY: entry})
-    images = random_pixels(2, seed=7)
     reference = load_checkpoint(tiny_checkpoint)
+    meta = reference.meta
+    entry = {key: meta[SIDECAR_KEY][key] for key in ("energy_mean", "energy_std", "overlay_max")}
+    old = with_heatmap_entry(tiny_checkpoint, tmp_path / "old", entry)
+    images = random_pixels(2, seed=7)
     current = HeatmapCalibration.from_json(meta[SIDECAR_KEY], reference.model.latent_shapes)
     version_1 = HeatmapCalibration(current.mean, current.std, current.overlay_max, VERSION_1)
     with torch.no_grad():
