@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from model.device import check_device_name
 from service.imaging import MAX_RESIZE_PIXELS
-from service.models import SEPARATOR, ModelSpec, check_entry, model_specs, shipped_weights, split_entries
+from service.models import SEPARATOR, SHIPPED, ModelSpec, check_entry, model_specs, shipped_weights, split_entries
 
 DEFAULT_WEIGHTS = shipped_weights("fashion-mnist")
 ENV_PREFIX = "GLOW_"
@@ -39,7 +39,7 @@ class Settings(BaseSettings):
         (str(DEFAULT_WEIGHTS),),
         description="checkpoints to serve: PATH or NAME=PATH, repeatable or joined by ','; PATH is a checkpoint folder"
         " (glow.safetensors + glow.json), its .safetensors file, a folder of checkpoint folders, or a shipped name"
-        " (fashion-mnist, mnist); the first is the default model",
+        f" ({', '.join(SHIPPED)}); the first is the default model",
     )
     device: str = Field(
         "auto", description="where the model runs: auto (CUDA when present), cpu, cuda or cuda:N; on CUDA with "
