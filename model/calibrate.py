@@ -24,8 +24,7 @@ import torch
 
 from model.anomaly import DETECTORS, ORIENTATION, calibrate, describe, method_name
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from model.data import DataError, load_images, manifest, manifest_sha256, reopen, sha256_file, split_validation
-from model.glow import Glow
+from model.data import DataError, load_dataset, manifest, manifest_sha256, reopen, sha256_file
 
 
 def anomaly_meta(val_count: int) -> dict[str, Any]:
@@ -77,16 +76,22 @@ def held_out_indices(dataset: dict[str, Any], train: Path, count: int) -> np.nda
     return np.arange(count - int(dataset["val_count"]), count)
 
 
-def calibration_for(model: Glow, train_path: Path, val_count: int) -> dict[str, torch.Tensor]:
-    """Calibration on the last ``val_count`` images (the split of checkpoints recorded without a data record)."""
-    _, val = split_validation(load_images(train_path), val_count)
-    return calibrate(model, torch.as_tensor(val))
-
-
-def recorded_calibration(model: Glow, record: dict[str, Any], train_path: Path | None) -> dict[str, torch.Tensor]:
-    """Calibration on exactly the recorded validation images, after checking the data against its manifest."""
-    dataset, _, val = reopen(record, train_path)
-    return calibrate(model, torch.as_tensor(dataset.images[val]))
+def held_out_images(dataset: dict[str, Any], train: Path | None, val_count: int | None = None) -> np.ndarray:
+    """The images a checkpoint held out from training (its sidecar's ``dataset``), read as at training, uint8
+    (N, C, H, W): those of :func:`held_out_indices`, the last ``val_count`` of them when given. ``train``
+    defaults to where a recorded run's data was. DataError or ProvenanceError for other data or a bad count."""
+    record = dataset.get("data")
+    if record:
+        data, _, held_out = reopen(record, train)  # checked against the recorded manifest
+    elif train is None:
+        raise DataError("the checkpoint records no data: give --train")
+    else:
+        data = load_dataset(train)
+        held_out = held_out_indices(dataset, train, len(data.images))
+    if val_count is not None:
+        check_val_count(val_count, len(held_out))
+        held_out = held_out[-val_count:]
+    return data.images[held_out]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,23 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         checkpoint = load_checkpoint(args.weights)
-        dataset = checkpoint.meta.get("dataset") or {}
-        held_out = int(dataset.get("val_count", 0))
-        record = dataset.get("data")
-        if record and args.val_count is None:
-            calibration = recorded_calibration(checkpoint.model, record, args.train)
-        elif args.train is None:
-            raise DataError(f"{args.weights} records no data: give --train")
-        else:
-            val_count = held_out if args.val_count is None else args.val_count
-            check_val_count(val_count, held_out)
-            check_training_file(args.train, dataset.get("train_files"))
-            calibration = calibration_for(checkpoint.model, args.train, val_count)
+        val = held_out_images(checkpoint.meta.get("dataset") or {}, args.train, args.val_count)
     except (CheckpointError, DataError, ProvenanceError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    calibration = calibrate(checkpoint.model, torch.as_tensor(val))
     meta = {k: v for k, v in checkpoint.meta.items()}
-    meta["anomaly"] = anomaly_meta(val_count)
+    meta["anomaly"] = anomaly_meta(len(val))
     save_checkpoint(checkpoint.model, checkpoint.weights_path.parent, meta, calibration)
     print(f"recalibrated {checkpoint.weights_path}: {', '.join(meta['anomaly']['methods'])}")
     return 0

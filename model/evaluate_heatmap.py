@@ -35,8 +35,9 @@ import torch
 from torch import Tensor
 
 from model.anomaly import AnomalyScorer
+from model.calibrate import held_out_images
 from model.checkpoint import load_checkpoint
-from model.data import load_images, split_validation
+from model.data import load_images
 from model.heatmap import SHIPPED, VERSION_1, HeatmapCalibration, MapMethod, calibrate_from_latents
 
 KINDS = ("digit", "noise", "white", "garment")
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = load_checkpoint(args.weights)
     model = checkpoint.model.eval().fold()  # as served (service.runner); the same latents to float precision
     size = (model.config.image_shape[1], model.config.image_shape[2])
-    _, val = split_validation(load_images(args.train), int(checkpoint.meta["dataset"]["val_count"]))
+    val = held_out_images(checkpoint.meta["dataset"], args.train)
     val_latents = latents_of(model, torch.as_tensor(val))
     calibration = calibrate_from_latents(val_latents, size)
     scorer = AnomalyScorer(checkpoint.model, checkpoint.calibration)

@@ -278,9 +278,9 @@ def overlay(pixels: np.ndarray, heat: np.ndarray, overlay_max: float) -> np.ndar
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m model.heatmap --weights DIR --train PATH``: write the sidecar's heatmap calibration."""
-    from model.calibrate import ProvenanceError, held_out_indices
+    from model.calibrate import ProvenanceError, held_out_images
     from model.checkpoint import CheckpointError, load_checkpoint, resolve_paths, write_json
-    from model.data import DataError, load_dataset, reopen
+    from model.data import DataError
 
     p = argparse.ArgumentParser(prog="python -m model.heatmap", description=main.__doc__)
     p.add_argument("--weights", type=Path, required=True, help="checkpoint folder")
@@ -289,10 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         checkpoint = load_checkpoint(args.weights)
-        record = checkpoint.meta["dataset"].get("data")
-        data = reopen(record, args.train)[0] if record else load_dataset(args.train)  # read as at training
-        held_out = held_out_indices(checkpoint.meta["dataset"], args.train, len(data.images))
-        val = data.images[held_out[-args.val_count:] if args.val_count else held_out]
+        val = held_out_images(checkpoint.meta["dataset"], args.train, args.val_count)
     except (CheckpointError, DataError, ProvenanceError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -10,9 +10,10 @@ import torch
 
 from model import train as trainer
 from model.anomaly import calibrate
+from model.calibrate import held_out_images
 from model.calibrate import main as calibrate_main
 from model.checkpoint import load_checkpoint, save_checkpoint
-from model.data import fingerprint
+from model.data import data_record, fingerprint, load_dataset
 from model.export import main as export_main
 from model.glow import Glow, GlowConfig
 
@@ -64,6 +65,21 @@ def refused_as_other_data(line: str) -> bool:
 def test_calibrate_accepts_the_recorded_training_file(checkpoint: Path, train_file: Path) -> None:
     assert calibrate_main(["--weights", str(checkpoint), "--train", str(train_file), "--val-count", "16"]) == 0
     assert load_checkpoint(checkpoint).meta["anomaly"]["reference_size"] == 8
+
+
+def test_calibrate_uses_a_recorded_split_and_its_last_val_count(checkpoint: Path, train_file: Path) -> None:
+    """A checkpoint with a data record calibrates on its drawn held-out images, read as recorded."""
+    held_out = np.random.default_rng(3).choice(96, VAL_COUNT, replace=False)
+    record = data_record(train_file, load_dataset(train_file), None, "scale-crop", 3, held_out)
+    meta = load_checkpoint(checkpoint).meta
+    meta["dataset"] = {**meta["dataset"], "data": record}
+    save_checkpoint(load_checkpoint(checkpoint).model, checkpoint, meta, load_checkpoint(checkpoint).calibration)
+    assert calibrate_main(["--weights", str(checkpoint)]) == 0  # the data is where the record says
+    assert load_checkpoint(checkpoint).meta["anomaly"]["reference_size"] == VAL_COUNT - VAL_COUNT // 2
+    assert calibrate_main(["--weights", str(checkpoint), "--val-count", "16"]) == 0
+    assert load_checkpoint(checkpoint).meta["anomaly"]["reference_size"] == 8
+    last = held_out_images(meta["dataset"], None, 16)
+    assert np.array_equal(last, images(0)[held_out[-16:], None])  # the recorded indices, not the file's last images
 
 
 def test_calibrate_refuses_another_training_file(
