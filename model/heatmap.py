@@ -284,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m model.heatmap", description=main.__doc__)
     p.add_argument("--weights", type=Path, required=True, help="checkpoint folder")
-    p.add_argument("--train", type=Path, required=True, help="the training images the checkpoint was trained on")
+    p.add_argument("--train", type=Path, default=None, help="the training images the checkpoint was trained on"
+                   " (default: where they were at training, for a checkpoint that records its data)")
     p.add_argument("--val-count", type=int, default=None, help="default: the checkpoint's recorded split")
     args = p.parse_args(argv)
     try:
