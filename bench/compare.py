@@ -5,6 +5,7 @@ Starts each server once on 127.0.0.1 and drives ``POST /log-likelihood`` with ``
 rotates every round), so that a slow minute of a shared machine hits all of them:
 
 - ``ours``: ``python -m service`` of this checkout;
+- ``ours-wN``: the same with ``--workers N`` (``--workers N ...``): N processes on one port;
 - ``old``: ``python -m service`` of another checkout (``--old``, e.g. a worktree of a1150d0);
 - ``litserve``: ``bench/litserve_app.py`` (the same decode, runner, scorer and response model
   served by LitServe; needs the ``bench`` extra), when ``--litserve``.
@@ -15,9 +16,10 @@ their results must be identical (field by field, exactly), or the run stops.
 
 Per run: requests/s and images/s, p50/p99 latency, and the CPU each request cost, from
 ``/proc`` (utime + stime of every thread of the server's process tree, before and after):
-for ``ours``/``old``, split into the event loop (the main thread), the model thread and the
-rest (request-decoding threads); for LitServe, its processes summed. The load generator's
-own CPU is not counted. Ratios are ours / each other server, per level, of the medians over
+for ``ours``/``old``, split into the event loop (the main thread of each server process), the
+model thread and the rest (request-decoding threads, a supervisor); for LitServe, its
+processes summed. The load generator's
+own CPU is not counted. Ratios are each of ours / each other server, per level, of the medians over
 rounds.
 """
 
@@ -130,17 +132,18 @@ def finish_py_spy(spy: tuple[subprocess.Popen[bytes], Path]) -> dict[str, float]
 class Target:
     name: str
     server: Server
-    names: dict[int, str] = field(default_factory=dict)
+    names: dict[int, str] = field(default_factory=dict)  # thread names of every process of the server
+    loops: list[int] = field(default_factory=list)  # the main threads that run an event loop
 
     def split(self, before: dict[int, float], after: dict[int, float]) -> dict[str, float]:
-        """CPU seconds between two snapshots: event loop, model thread, the rest (or all, for other servers)."""
-        pid = self.server.process.pid
+        """CPU seconds between two snapshots: event loops, model threads, the rest (or all, for other servers)."""
+        loops = set(self.loops) or {self.server.process.pid}
         parts = {"loop": 0.0, "model": 0.0, "rest": 0.0}
         for tid, seconds in after.items():
             spent = seconds - before.get(tid, 0.0)
             if self.name == "litserve":
                 parts["rest"] += spent
-            elif tid == pid:
+            elif tid in loops:
                 parts["loop"] += spent
             elif self.names.get(tid, "").startswith("glow-model"):
                 parts["model"] += spent
@@ -209,9 +212,11 @@ def summarise(runs: list[dict[str, Any]], servers: list[str]) -> list[dict[str, 
                 "failed": sum(run["failed"] for run in mine),
                 "cpu_ms_per_request": cpu,
             }
-        for other in servers[1:]:
-            if "ours" in row and other in row:
-                row[f"ours/{other}"] = row["ours"]["requests_per_s"] / row[other]["requests_per_s"]
+        for mine in [name for name in servers if name.startswith("ours") and name in row]:
+            for other in [name for name in servers if name in row and name != mine]:
+                if other.startswith("ours") and mine == "ours":
+                    continue  # each variant against plain ours once
+                row[f"{mine}/{other}"] = row[mine]["requests_per_s"] / row[other]["requests_per_s"]
         rows.append(row)
     return rows
 
@@ -230,7 +235,7 @@ def print_table(rows: list[dict[str, Any]], servers: list[str]) -> None:
             print(f"{level:>14} {server:>9} {s['requests_per_s']:>8.1f} ({rounds:>17}) {s['p50_ms']:>8.1f}"
                   f" {s['p99_ms']:>8.1f}  {cpu['loop']:.2f} + {cpu['model']:.2f} + {cpu['rest']:.2f}"
                   f" = {sum(cpu.values()):.2f}" + (f"  ({s['failed']} failed)" if s["failed"] else ""))
-        ratios = "  ".join(f"{key} {value:.2f}x" for key, value in row.items() if key.startswith("ours/"))
+        ratios = "  ".join(f"{key} {value:.2f}x" for key, value in row.items() if "/" in key)
         if ratios:
             print(f"{'':>14} {'':>9} {ratios}")
 
@@ -243,6 +248,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    " where absent)")
     p.add_argument("--old", type=Path, default=None, help="a checkout of an earlier commit to serve as 'old'")
     p.add_argument("--litserve", action="store_true", help="also serve through LitServe (bench/litserve_app.py)")
+    p.add_argument("--workers", type=int, nargs="*", default=[],
+                   help="also serve this tree with --workers N, as 'ours-wN', for each N given")
     p.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 64, 256])
     p.add_argument("--bulk-images", type=int, default=64, help="images per bulk request (0: no bulk level)")
     p.add_argument("--bulk-concurrency", type=int, default=4)
@@ -268,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     service = ["--host", HOST, "--weights", str(args.weights.resolve()), "--device", "cpu", *args.server_arg]
     commands = {"ours": ([sys.executable, "-m", "service", *service], REPO, env)}
+    for workers in args.workers:
+        commands[f"ours-w{workers}"] = ([sys.executable, "-m", "service", *service, "--workers", str(workers)], REPO, env)
     if args.old is not None:
         old = args.old.resolve()
         old_service = [*service[:3], str(old / "weights" / "fashion-mnist"), *service[4:]]  # its own checkpoint format
@@ -304,7 +313,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"outputs of {name}: {len(results)} images, "
                   + ("identical to ours" if same else "not ours (another commit's calibration)"))
         for target in targets.values():
-            target.names = thread_names(target.server.process.pid) if target.name != "litserve" else {}
+            if target.name != "litserve":
+                per_process = {pid: thread_names(pid) for pid in process_tree(target.server.process.pid)}
+                target.names = {tid: name for names in per_process.values() for tid, name in names.items()}
+                target.loops = [pid for pid, names in per_process.items()  # the processes with a model thread
+                                if any(name.startswith("glow-model") for name in names.values())]
         levels = [(1, c, one, one_type) for c in args.concurrency]
         if args.bulk_images:
             levels.append((args.bulk_images, args.bulk_concurrency, bulk, bulk_type))

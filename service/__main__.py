@@ -9,13 +9,15 @@ Shutdown (SIGTERM or SIGINT): readiness turns 503 at once and new work is refuse
 ``Connection: close`` (load balancers notice, clients reconnect elsewhere). Then the
 listener closes, connections with nothing received are closed, requests in progress
 (and queued work) are answered, and the process exits 0. A second signal skips the
-grace.
+grace. With ``--workers N`` (N > 1) the process supervises N such servers on one socket
+(``service.workers``).
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Sequence
@@ -30,6 +32,7 @@ from service.protocol import guarded_protocol
 from service.settings import Settings, SettingsError
 from service.state import ServiceState
 from service.tuning import tune_process
+from service.workers import WorkerLink, serve_workers
 
 PROG = "python -m service"
 log = logging.getLogger("service")
@@ -38,11 +41,18 @@ log = logging.getLogger("service")
 class GracefulServer(uvicorn.Server):
     """uvicorn's server: on a signal the app stops admitting work at once, the listener ``grace_s`` later."""
 
-    def __init__(self, config: uvicorn.Config, state: ServiceState, grace_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, state: ServiceState, grace_s: float,
+                 link: WorkerLink | None = None) -> None:
         super().__init__(config)
         self._state = state
         self._grace_s = grace_s
         self._grace: threading.Timer | None = None
+        self._link = link
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self._link is not None:
+            self._link.ready.set()  # the supervisor's signal that this worker serves
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self._state.request_shutdown()
@@ -62,12 +72,16 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, link: WorkerLink | None = None) -> int:
+    """Serve until a signal; ``link``: as one of ``--workers`` processes, on the supervisor's socket."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         settings = Settings.from_args(argv)
     except SettingsError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
+    if settings.workers > 1 and link is None:
+        return serve_workers(settings, argv, PROG)
     tune_process(settings)  # before the model loads; create_app applies it again (idempotent)
     try:
         runners = runners_for(settings)
@@ -98,8 +112,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         http=guarded_protocol(settings.header_timeout_s),
         timeout_keep_alive=settings.keep_alive_s,
     )
-    server = GracefulServer(config, app.state.service, settings.shutdown_grace_s)
-    server.run()
+    server = GracefulServer(config, app.state.service, settings.shutdown_grace_s, link)
+    try:
+        sockets = None if link is None else [link.listen()]
+    except OSError as exc:
+        print(f"{PROG}: cannot listen on {link.host}:{link.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    server.run(sockets=sockets)
     return 0 if server.started else 1
 
 

@@ -48,7 +48,13 @@ class Settings(BaseSettings):
     threads: int = Field(
         0, ge=0, le=1024,
         description="torch intra-op threads of the model on the CPU (0: the CPU cores this process may use, less "
-        "one for the event loop, at least 1; measured faster than all cores, see bench/README.md)",
+        "one for the event loop, at least 1; with several workers, each's share; measured faster than all cores, see"
+        " bench/README.md)",
+    )
+    workers: int = Field(
+        1, ge=1, le=256,
+        description="server processes on the one listening socket, each with its own event loop, copy of every model "
+        "and batchers; metrics merged across them (see README, 'Several processes')",
     )
     torchscript: bool = Field(
         True, description="run the folded model as frozen TorchScript graphs, one GIL hand-off per batch (1.4x the "

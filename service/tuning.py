@@ -12,8 +12,8 @@ bench/README.md ("Findings"):
   torch's per-batch buffers (a few MB at batch 64) were either reused from the heap or
   mapped, unmapped and page-faulted on every batch, depending on allocation history:
   batch-64 scoring took 1.4-3x longer in some starts.
-- **torch intra-op threads** = ``settings.threads``, or for 0 the usable cores less one,
-  which the event loop keeps (the thread sweep: a second thread at batch 1 made every
+- **torch intra-op threads** = ``settings.threads``, or for 0 the usable cores less one
+  (of ``--workers`` processes, each's share of them less one), which the event loop keeps (the thread sweep: a second thread at batch 1 made every
   form bimodal, 145-666 img/s, and beside busy cores it crawled).
 
 All three are process-wide: calling again sets the same values (idempotent), and when one
@@ -79,9 +79,10 @@ def usable_cores(cpu_max: Path = CGROUP_CPU_MAX, cfs_quota: Path = CGROUP_V1_CFS
     return cores if quota is None else min(cores, quota)
 
 
-def model_threads(requested: int, cpu_max: Path = CGROUP_CPU_MAX, cfs_quota: Path = CGROUP_V1_CFS_QUOTA) -> int:
-    """``--threads``, or for 0 the usable cores less one (the event loop's), at least 1."""
-    return requested or max(1, usable_cores(cpu_max, cfs_quota) - 1)
+def model_threads(requested: int, cpu_max: Path = CGROUP_CPU_MAX, cfs_quota: Path = CGROUP_V1_CFS_QUOTA,
+                  workers: int = 1) -> int:
+    """``--threads``, or for 0 each worker's share of the usable cores less one (its event loop's), at least 1."""
+    return requested or max(1, usable_cores(cpu_max, cfs_quota) // workers - 1)
 
 
 @functools.cache
@@ -108,6 +109,6 @@ def tune_process(settings: Settings) -> Tuning:
     """Apply the switch interval, the malloc thresholds and the model's thread count (idempotent)."""
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     pinned = pin_malloc_thresholds()
-    threads = model_threads(settings.threads)
+    threads = model_threads(settings.threads, workers=settings.workers)
     torch.set_num_threads(threads)
     return Tuning(sys.getswitchinterval(), pinned, threads)

@@ -37,6 +37,7 @@ def test_defaults_follow_the_contract() -> None:
         ("max_images_per_request", "8", 8),
         ("max_sample_n", "4", 4),
         ("log_level", "WARNING", "warning"),
+        ("workers", "4", 4),
     ],
 )
 def test_every_setting_is_a_flag_and_a_variable(
@@ -58,6 +59,7 @@ def test_a_flag_wins_over_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     [
         (["--port", "x"], "--port / GLOW_PORT: Input should be a valid integer"),
         (["--port", "70000"], "--port / GLOW_PORT: Input should be less than or equal to 65535"),
+        (["--workers", "0"], "--workers / GLOW_WORKERS: Input should be greater than or equal to 1"),
         (["--max-batch-size", "0"], "--max-batch-size / GLOW_MAX_BATCH_SIZE: Input should be greater than or equal"),
         (["--max-wait-ms", "-1"], "--max-wait-ms / GLOW_MAX_WAIT_MS: Input should be greater than or equal to 0"),
         (["--max-wait-ms", "nan"], "--max-wait-ms / GLOW_MAX_WAIT_MS: Input should be a finite number"),

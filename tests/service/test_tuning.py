@@ -41,6 +41,17 @@ def test_model_threads_leave_a_core_to_the_event_loop(monkeypatch: pytest.Monkey
     assert tuning.model_threads(0, no_quota) == 1
 
 
+def test_each_worker_takes_its_share_of_the_cores_less_its_event_loop(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    no_quota = tmp_path / "absent"
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert tuning.model_threads(0, no_quota, workers=4) == 3
+    assert tuning.model_threads(0, no_quota, workers=16) == 1
+    assert tuning.model_threads(0, no_quota, workers=64) == 1
+    assert tuning.model_threads(5, no_quota, workers=4) == 5  # asked for: taken as is
+
+
 def test_model_threads_read_a_cgroup_v1_quota_where_there_is_no_v2_one(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
