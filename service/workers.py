@@ -200,7 +200,13 @@ def serve_workers(settings: Settings, argv: list[str], prog: str) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     own_dir = None
     if not os.environ.get(MULTIPROCESS_DIR):
-        own_dir = tempfile.mkdtemp(prefix="glow-metrics-")
+        try:
+            own_dir = tempfile.mkdtemp(prefix="glow-metrics-")
+        except OSError as exc:
+            sock.close()
+            print(f"{prog}: no folder for the workers' metrics ({MULTIPROCESS_DIR} or a temporary one): {exc}",
+                  file=sys.stderr)
+            return 1
         os.environ[MULTIPROCESS_DIR] = own_dir
     try:
         return Supervisor(settings, argv, sock.getsockname()[1]).run()
