@@ -79,7 +79,9 @@ def bound_socket(host: str, port: int, listen: bool) -> socket.socket:
     """A TCP socket bound to (host, port) with SO_REUSEPORT, listening when ``listen`` (the parent's, which only
     holds the port, does not, so it takes no connection); OSError when it cannot."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto named: asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP, and accepted ones inherit
+    # it (with proto 0, every response written in two parts waited ~40 ms for the client's delayed ACK)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

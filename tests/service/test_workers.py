@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -13,7 +14,9 @@ import httpx
 import pytest
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
-from service_testing import ServerProcess, random_pixels, to_png, wait_until
+from service_testing import ServerProcess, eventually, random_pixels, to_png, wait_until
+
+from service.workers import bound_socket
 
 STARTED = "Application startup complete."
 
@@ -135,3 +138,26 @@ def running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_a_workers_connections_get_tcp_nodelay() -> None:
+    """asyncio sets TCP_NODELAY only on IPPROTO_TCP sockets: a listening socket made with proto 0 left every
+    response written in two parts waiting ~40 ms for the client's delayed ACK."""
+    nodelay: list[int] = []
+
+    class Probe(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            sock = transport.get_extra_info("socket")
+            nodelay.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            transport.close()
+
+    async def accept_one() -> None:
+        listening = bound_socket("127.0.0.1", 0, listen=True)
+        server = await asyncio.get_running_loop().create_server(Probe, sock=listening)
+        async with server:
+            _, writer = await asyncio.open_connection(*listening.getsockname())
+            await eventually(lambda: bool(nodelay))
+            writer.close()
+
+    asyncio.run(accept_one())
+    assert nodelay == [1]
