@@ -71,7 +71,8 @@ class Worker:
     index: int
     process: Any  # multiprocessing's SpawnProcess
     ready: Event
-    served: bool = False  # was ready once
+    served: bool = False  # its current process was ready once
+    done: bool = False  # exited for good (the service is stopping)
     exits: list[int] = field(default_factory=list)
 
 
@@ -165,12 +166,13 @@ class Supervisor:
         return code if code and code > 0 else 1
 
     def _supervise(self) -> int:
+        """Until every worker has exited for good: start again any that dies after serving (not while stopping)."""
         while True:
-            alive = [w for w in self._workers if w.process.exitcode is None]
-            if not alive:
+            running = [w for w in self._workers if not w.done]
+            if not running:
                 return 0 if all(w.exits[-1] == 0 for w in self._workers) else 1
-            wait([w.process.sentinel for w in alive], timeout=0.5)
-            for worker in alive:
+            wait([w.process.sentinel for w in running], timeout=0.5)
+            for worker in running:
                 if not worker.served and worker.ready.is_set():
                     worker.served = True
                 code = worker.process.exitcode
@@ -178,13 +180,15 @@ class Supervisor:
                     continue
                 worker.exits.append(code)
                 mark_process_dead(worker.process.pid)
-                if self._stopping:
-                    continue
-                if not worker.served:
+                if not self._stopping and not worker.served:
                     log.error("worker %d exited with %s while starting: stopping", worker.index, code)
                     return self._stop_all(worker)
-                log.error("worker %d exited with %s; starting it again", worker.index, code)
-                time.sleep(RESTART_DELAY_S)
+                if not self._stopping:
+                    log.error("worker %d exited with %s; starting it again", worker.index, code)
+                    time.sleep(RESTART_DELAY_S)
+                if self._stopping:  # a signal may have come during the delay
+                    worker.done = True
+                    continue
                 worker.served = False
                 self._start(worker)
 
