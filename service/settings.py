@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     )
     workers: int = Field(
         1, ge=1, le=256,
-        description="server processes on the one listening socket, each with its own event loop, copy of every model "
+        description="server processes on the one port, each with its own event loop, copy of every model "
         "and batchers; metrics merged across them (see README, 'Several processes')",
     )
     torchscript: bool = Field(
