@@ -51,14 +51,15 @@ def import_old_model(old_root: Path) -> dict[str, ModuleType]:
 def images_per_second(fns: dict[str, list[Callable[[], Any]]], batch: int, rounds: int,
                       seconds: float) -> dict[str, float]:
     """Median images/s of each name's fns (instances of one form) over ``rounds`` alternating rounds of about
-    ``seconds`` per fn."""
+    ``seconds`` per fn; the order of the forms is reversed every other round, so that neither always runs first."""
     rates: dict[str, list[float]] = {name: [] for name in fns}
     for fn in (fn for instances in fns.values() for fn in instances):
         fn()  # warm-up: first calls of a graph optimise it
         fn()
-    for _ in range(rounds):
-        for name, instances in fns.items():
-            for fn in instances:
+    for index in range(rounds):
+        order = list(fns) if index % 2 == 0 else list(reversed(fns))
+        for name in order:
+            for fn in fns[name]:
                 calls, started = 0, time.perf_counter()
                 while calls < 2 or time.perf_counter() - started < seconds:
                     fn()
