@@ -16,11 +16,10 @@ their results must be identical (field by field, exactly), or the run stops.
 
 Per run: requests/s and images/s, p50/p99 latency, and the CPU each request cost, from
 ``/proc`` (utime + stime of every thread of the server's process tree, before and after):
-for ``ours``/``old``, split into the event loop (the main thread of each server process), the
-model thread and the rest (request-decoding threads, a supervisor); for LitServe, its
-processes summed. The load generator's
-own CPU is not counted. Ratios are each of ours / each other server, per level, of the medians over
-rounds.
+for ``ours``/``old``, split into the event loops (the main thread of each server process), the
+model threads and the rest (request-decoding threads, a supervisor); for LitServe, its
+processes summed. The load generator's own CPU is not counted. Ratios are each of ours / each
+other server, per level, of the medians over rounds.
 """
 
 from __future__ import annotations
