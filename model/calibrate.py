@@ -76,22 +76,28 @@ def held_out_indices(dataset: dict[str, Any], train: Path, count: int) -> np.nda
     return np.arange(count - int(dataset["val_count"]), count)
 
 
-def held_out_images(dataset: dict[str, Any], train: Path | None, val_count: int | None = None) -> np.ndarray:
-    """The images a checkpoint held out from training (its sidecar's ``dataset``), read as at training, uint8
-    (N, C, H, W): those of :func:`held_out_indices`, the last ``val_count`` of them when given. ``train``
-    defaults to where a recorded run's data was. DataError or ProvenanceError for other data or a bad count."""
+def checkpoint_data(dataset: dict[str, Any], train: Path | None) -> tuple[np.ndarray, np.ndarray]:
+    """A checkpoint's data (its sidecar's ``dataset``) read as at training, uint8 (N, C, H, W), and the indices
+    of the images it held out (:func:`held_out_indices`). ``train`` defaults to where a recorded run's data was.
+    DataError or ProvenanceError for other data."""
     record = dataset.get("data")
     if record:
         data, _, held_out = reopen(record, train)  # checked against the recorded manifest
-    elif train is None:
+        return data.images, held_out
+    if train is None:
         raise DataError("the checkpoint records no data: give --train")
-    else:
-        data = load_dataset(train)
-        held_out = held_out_indices(dataset, train, len(data.images))
+    data = load_dataset(train)
+    return data.images, held_out_indices(dataset, train, len(data.images))
+
+
+def held_out_images(dataset: dict[str, Any], train: Path | None, val_count: int | None = None) -> np.ndarray:
+    """The images a checkpoint held out from training (:func:`checkpoint_data`), the last ``val_count`` of them
+    when given. DataError or ProvenanceError for other data or a bad count."""
+    images, held_out = checkpoint_data(dataset, train)
     if val_count is not None:
         check_val_count(val_count, len(held_out))
         held_out = held_out[-val_count:]
-    return data.images[held_out]
+    return images[held_out]
 
 
 def main(argv: list[str] | None = None) -> int:

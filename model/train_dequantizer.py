@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.calibrate import ProvenanceError, held_out_indices
+from model.calibrate import ProvenanceError, checkpoint_data
 from model.checkpoint import CheckpointError, load_checkpoint, save_tensors, write_json
-from model.data import DataError, load_dataset, reopen
+from model.data import DataError, load_dataset
 from model.dequantize import Dequantizer, variational_bits_per_dim, variational_log_prob
 from model.evaluate import bits_per_dim
 from model.glow import Glow
@@ -59,14 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def training_images(flow_meta: dict[str, Any], train: Path | None) -> np.ndarray:
     """The images the checkpoint trained on: its data without those it held out (``model.calibrate``'s split,
     checked against the recorded manifest or sha256)."""
-    dataset = flow_meta.get("dataset") or {}
-    if dataset.get("data"):
-        data, train_index, _ = reopen(dataset["data"], train)
-        return data.images[train_index]
-    if train is None:
-        raise DataError("the checkpoint records no data: give --train")
-    data = load_dataset(train)
-    return np.delete(data.images, held_out_indices(dataset, train, len(data.images)), axis=0)
+    images, held_out = checkpoint_data(flow_meta.get("dataset") or {}, train)
+    return np.delete(images, held_out, axis=0)
 
 
 def step_eps(shape: torch.Size, step: int, seed: int) -> torch.Tensor:
