@@ -69,8 +69,8 @@ class WorkerLink:
 @dataclass
 class Worker:
     index: int
-    process: Any  # multiprocessing's SpawnProcess
-    ready: Event
+    process: Any = None  # multiprocessing's SpawnProcess, once started
+    ready: Event | None = None  # set by the worker once it serves (a new one per process)
     served: bool = False  # its current process was ready once
     done: bool = False  # exited for good (the service is stopping)
     exits: list[int] = field(default_factory=list)
@@ -119,7 +119,7 @@ class Supervisor:
         self._argv = argv
         self._address = (settings.host, port)
         self._context = multiprocessing.get_context("spawn")
-        self._workers = [Worker(i, None, self._context.Event()) for i in range(settings.workers)]
+        self._workers = [Worker(i) for i in range(settings.workers)]
         self._stopping = False
 
     def _start(self, worker: Worker) -> None:
