@@ -11,7 +11,8 @@ many images of a few synthetic sets float32 cannot score (non-finite results).
 
 The old tree's form is built by its own code (``model.inference.FoldedGlow`` + ``TracedGlow``
 at a1150d0); its package is imported first and set aside, so both ``model`` packages live in
-one interpreter.
+one interpreter. Each form is built as its tree's service builds it (outside inference mode) and timed
+in inference mode, as the service runs it.
 """
 
 from __future__ import annotations
@@ -112,13 +113,14 @@ def main(argv: list[str] | None = None) -> int:
         "old": lambda: old["inference"].TracedGlow(old["inference"].FoldedGlow(old_model, channels_last=True)),
         "new": lambda: TracedGlow(model.fold(channels_last=True)),
     }
+    # built as each tree's service builds them (``ModelRunner.load``: outside inference mode), run as it runs
+    # them (in inference mode); two instances of each, built old, new, new, old: in A/A runs the instance
+    # built first ran a few percent faster (where its tensors landed), so each form gets one early and one late
+    instances = {name: [builders[name]()] for name in ("old", "new")}
+    instances["new"].append(builders["new"]())
+    instances["old"].append(builders["old"]())
+    forms = {name: built[0] for name, built in instances.items()}
     with torch.inference_mode():
-        # two instances of each, built old, new, new, old: in A/A runs the instance built first ran a few
-        # percent faster (where its tensors landed), so each form gets one early and one late instance
-        instances = {name: [builders[name]()] for name in ("old", "new")}
-        instances["new"].append(builders["new"]())
-        instances["old"].append(builders["old"]())
-        forms = {name: built[0] for name, built in instances.items()}
         print(f"checkpoint {args.weights}; old tree {args.old}; torch {torch.__version__}")
         print("\n| threads | batch | operation | old images/s | new images/s | new/old |\n|---|---|---|---|---|---|")
         for threads in args.threads:

@@ -242,8 +242,8 @@ class Glow(nn.Module):
             layout = torch.channels_last if channels_last else torch.contiguous_format
             folded = Glow(self.config, [level.fold(layout) for level in exact.levels],
                           exact.class_prior).to(self.dtype)
-        if channels_last:
-            folded = folded.to(memory_format=torch.channels_last)
+            if channels_last:
+                folded = folded.to(memory_format=torch.channels_last)
         return folded.eval().requires_grad_(False)
 
     # ----------------------------------------------------------------- layout

@@ -7,7 +7,9 @@ folds what the parameters fix: exp of log-scales, constant log-dets). A graph ru
 whole batch in C++ and takes the GIL once per call instead of once per tensor op, so a
 busy event loop in the same process (the service's) cannot stall the model between ops.
 Everything else (``log_prob``, ``encode``, ``bits_per_dim``, the layout) is the
-inherited Glow code. The graphs take any batch size: nothing in the flow branches on
+inherited Glow code. The graphs' constants are inference tensors (``torch.inference_mode``): a
+view or copy of a normal tensor in inference mode still goes through the autograd
+view-tracking kernel, which at batch 1 cost 3-6% of a call (``bench/README.md``). The graphs take any batch size: nothing in the flow branches on
 values or on the batch size.
 
 Exactness (``tests/model/test_inference.py``, ``bench/fold_compare.py``): log-likelihoods
@@ -18,6 +20,7 @@ the inverse amplifies float rounding in every form, float64 included).
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any
 
@@ -51,13 +54,14 @@ class TracedGlow(Glow):
         super().__init__(folded.config, list(folded.levels), folded.class_prior)
         images = torch.randint(0, 256, (trace_batch, *folded.config.image_shape), dtype=torch.uint8,
                                generator=torch.Generator().manual_seed(0)).to(folded.device)
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)  # decode's shape check: constant here
+            source = copy.deepcopy(folded)  # its tensors made here are inference tensors: the graphs' constants
             examples = {"log_prob_and_levels": images, "encode_with_log_prob": images,
-                        "decode": Glow.encode(folded, images)}
+                        "decode": Glow.encode(source, images)}
             self._graphs = {
-                method: torch.jit.freeze(torch.jit.trace(_Method(folded, method).eval(), examples[method],
+                method: torch.jit.freeze(torch.jit.trace(_Method(source, method).eval(), examples[method],
                                                          check_trace=False, strict=False))  # strict: list outputs
                 for method in TRACED_METHODS
             }

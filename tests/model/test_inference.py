@@ -140,6 +140,7 @@ def test_the_fold_is_frozen_and_leaves_the_model_as_it_was() -> None:
     with torch.inference_mode():  # folding inside inference mode still gives ordinary tensors
         folded = model.fold(channels_last=True)
     assert not any(p.requires_grad for p in folded.parameters()) and not folded.training
+    assert not any(t.is_inference() for t in folded.state_dict().values())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     assert model.dtype == folded.dtype == torch.float32
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in folded.parameters() if p.ndim == 4)
@@ -153,3 +154,18 @@ def test_the_traced_form_scores_bin_centres_only() -> None:
     x = images(2)
     with pytest.raises(ValueError, match="bin centres only"):
         traced.log_prob(x, noise=torch.rand(x.shape))
+
+
+def test_the_graphs_constants_are_inference_tensors_and_run_outside_inference_mode() -> None:
+    model = tiny_glow()
+    traced = TracedGlow(model.fold(channels_last=True))
+    constants = [node.output().toIValue() for graph in traced._graphs.values() for node in graph.graph.nodes()
+                 if node.kind() == "prim::Constant"]
+    tensors = [value for value in constants if isinstance(value, torch.Tensor)]
+    assert tensors and all(t.is_inference() for t in tensors)
+    x = images(3)
+    want = model.log_prob(x).detach()
+    with torch.inference_mode():
+        torch.testing.assert_close(traced.log_prob_and_levels(x)[0], want, rtol=TOLERANCE, atol=0)
+    torch.testing.assert_close(traced.log_prob_and_levels(x)[0], want, rtol=TOLERANCE, atol=0)  # grad mode on
+    assert torch.equal(traced.decode(traced.encode(x)), x)
