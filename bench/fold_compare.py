@@ -12,7 +12,8 @@ many images of a few synthetic sets float32 cannot score (non-finite results).
 The old tree's form is built by its own code (``model.inference.FoldedGlow`` + ``TracedGlow``
 at a1150d0); its package is imported first and set aside, so both ``model`` packages live in
 one interpreter. Each form is built as its tree's service builds it (outside inference mode) and timed
-in inference mode, as the service runs it.
+in inference mode, in a process tuned as the service tunes its own (``service.tuning``: glibc's malloc
+thresholds pinned), as the service runs it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from service.settings import Settings
+from service.tuning import tune_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     old = import_old_model(args.old.resolve())
+    tune_process(Settings.from_args(["--device", "cpu"]))  # the loop below sets the thread counts
     from model.checkpoint import load_checkpoint
     from model.data import load_images
     from model.inference import TracedGlow
