@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import loadgen
-from bench.models import REPO, sample_png
+from bench import inprocess, loadgen
+from bench.models import DEFAULT_IMAGES, DEFAULT_WEIGHTS, REPO, pngs_of
 from bench.served import HOST, Server, free_port, started
 from bench.timing import write_results
 
@@ -49,7 +49,6 @@ ENDPOINT = "/log-likelihood"
 FIELDS = ("log_likelihood", "bits_per_dim", "anomaly_score", "percentile", "is_anomaly")
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 PY_SPY = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")  # pip's, beside the interpreter
-FASHION_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 
 
 # --------------------------------------------------------------------- CPU
@@ -241,8 +240,8 @@ def print_table(rows: list[dict[str, Any]], servers: list[str]) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--weights", type=Path, default=REPO / "weights" / "fashion-mnist")
-    p.add_argument("--images", type=Path, default=FASHION_TEST,
+    p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    p.add_argument("--images", type=Path, default=DEFAULT_IMAGES,
                    help="IDX/.npz/folder whose first images are sent (default: Fashion-MNIST's test set; random pixels"
                    " where absent)")
     p.add_argument("--old", type=Path, default=None, help="a checkout of an earlier commit to serve as 'old'")
@@ -259,6 +258,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--server-arg", action="append", default=[], help="extra flag for both services (repeat)")
     p.add_argument("--profile", action="store_true",
                    help="py-spy samples the event loop of ours and old in the first round at the highest concurrency")
+    p.add_argument("--in-process", action="store_true",
+                   help="also time the served form in process (bench/inprocess.py) in the rotation of the highest"
+                   " one-image concurrency and of the bulk level, and print each server's images/s over it")
     p.add_argument("--json", type=Path, help="also write every run to this JSON file")
     return p.parse_args(argv)
 
@@ -268,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     if not loadgen.wrk_available():
         print("bench.compare needs wrk (apt-get install wrk)", file=sys.stderr)
         return 2
-    blobs, source = test_pngs(args.images, max(args.bulk_images, 1))
+    blobs, source = pngs_of(args.images, max(args.bulk_images, 1))
     one, one_type = loadgen.multipart_body(blobs[0])
     bulk, bulk_type = _multipart_many(blobs)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -293,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"image: {source}; wrk, {args.duration:g} s per run after 1 s of warm-up, {args.rounds} rounds;"
           f" load average before: {os.getloadavg()[0]:.2f}")
     runs: list[dict[str, Any]] = []
+    ceilings: list[dict[str, Any]] = []  # bench.inprocess figures, per level and round
     with ExitStack() as stack, tempfile.TemporaryDirectory() as logs:
         targets: dict[str, Target] = {}
         for name, (command, cwd, server_env) in commands.items():
@@ -321,9 +324,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.bulk_images:
             levels.append((args.bulk_images, args.bulk_concurrency, bulk, bulk_type))
         profiled = max(args.concurrency, default=None) if args.profile else None
+        ceiling_levels = {(1, max(args.concurrency, default=0)), (args.bulk_images, args.bulk_concurrency)}
         for images, concurrency, body, content_type in levels:
-            for round_index, order in enumerate(rotations(list(targets), args.rounds)):
+            names = list(targets) + (["in-process"] if args.in_process and (images, concurrency) in ceiling_levels
+                                     else [])
+            for round_index, order in enumerate(rotations(names, args.rounds)):
                 for name in order:
+                    if name == "in-process":
+                        figures = inprocess.run(args.weights.resolve(), args.images, inprocess.SERVED_BATCH,
+                                                args.duration)
+                        ceilings.append({"images": images, "concurrency": concurrency, **figures})
+                        print(f"  {images} img c={concurrency} in-process: model {figures['model']:.1f} img/s,"
+                              f" pipeline {figures['pipeline']:.1f} img/s", flush=True)
+                        continue
                     profile = round_index == 0 and images == 1 and concurrency == profiled and name != "litserve"
                     run = run_level(targets[name], body, content_type, concurrency, args.duration, images, profile)
                     runs.append(run)
@@ -334,9 +347,11 @@ def main(argv: list[str] | None = None) -> int:
                             f"{library} {share:.0%}" for library, share in run["loop_profile"].items()))
     rows = summarise(runs, list(commands))
     print_table(rows, list(commands))
+    if ceilings:
+        inprocess.print_ratios(rows, ceilings, list(commands))
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     if args.json:
-        write_results(args.json, {"runs": runs, "summary": rows, "argv": sys.argv})
+        write_results(args.json, {"runs": runs, "summary": rows, "in_process": ceilings, "argv": sys.argv})
     return 0
 
 
@@ -346,17 +361,6 @@ def _terminate(pids: list[int]) -> None:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-
-
-def test_pngs(path: Path, count: int) -> tuple[list[bytes], str]:
-    """The first ``count`` images of ``path`` as PNG bytes, or random 28x28 pixels where it cannot be read."""
-    try:
-        from model.data import load_images
-        from service.imaging import encode_png
-
-        return [encode_png(image) for image in load_images(path)[:count]], f"{path} [:{count}]"
-    except (OSError, ValueError):  # absent or unreadable (DataError is a ValueError): random pixels
-        return [sample_png(None, seed)[0] for seed in range(count)], "random pixels"
 
 
 def _multipart_many(blobs: list[bytes]) -> tuple[bytes, str]:

@@ -174,3 +174,14 @@ def checked(build: Callable[[], Any], model: Glow, images: Tensor, name: str) ->
               f"{'exact' if exact else 'NOT exact'}); its rows are skipped: model/inference.py needs updating")
         return None
     return fast
+
+
+def pngs_of(path: Path, count: int) -> tuple[list[bytes], str]:
+    """The first ``count`` images of ``path`` as PNG bytes, or random 28x28 pixels where it cannot be read."""
+    try:
+        from model.data import load_images as read
+        from service.imaging import encode_png
+
+        return [encode_png(image) for image in read(path)[:count]], f"{path} [:{count}]"
+    except (OSError, ValueError):  # absent or unreadable (DataError is a ValueError): random pixels
+        return [sample_png(None, seed)[0] for seed in range(count)], "random pixels"
