@@ -395,7 +395,20 @@ class Glow(nn.Module):
     @torch.no_grad()
     def decode(self, z: Tensor) -> Tensor:
         """Flat latents (B, latent_dim) -> uint8 images (B, C, H, W)."""
-        return self.to_pixels(self.flow_inverse(split_latents(z.to(self.dtype), self.latent_shapes))[0])
+        return self.decode_and_finite(z)[0]
+
+    @torch.no_grad()
+    def decode_and_finite(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`decode`, and per image (B,) bool whether its inverse came out finite.
+
+        Far enough from the prior the inverse overflows: a coupling's x_b = y_b / s - t with
+        s = sigmoid(raw + 2) rounded to 0 gives inf, and inf meets 0 or inf in a later layer
+        as NaN, in float64 as in float32 (sampling at temperature 1.5, or the latents of an
+        image whose forward pass rounded some s to 0, so that y_b lost x_b). Such an image has
+        no pixels (``to_pixels`` would draw NaN as mid-grey): callers refuse it.
+        """
+        y = self.flow_inverse(split_latents(z.to(self.dtype), self.latent_shapes))[0]
+        return self.to_pixels(y), torch.isfinite(y).flatten(1).all(1)
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 0.7, seed: int | None = None, label: int | None = None) -> Tensor:

@@ -1,16 +1,16 @@
 """The served form of a Glow: its folded model (``Glow.fold``) run as frozen TorchScript graphs.
 
 :class:`TracedGlow` is a :class:`model.glow.Glow` whose three batch computations,
-``log_prob_and_levels`` (bin centres), ``encode_with_log_prob`` and ``decode``, run as
-graphs traced from the folded model's own methods and frozen (``torch.jit.freeze``
+``log_prob_and_levels`` (bin centres), ``encode_with_log_prob`` and ``decode_and_finite``,
+run as graphs traced from the folded model's own methods and frozen (``torch.jit.freeze``
 folds what the parameters fix: exp of log-scales, constant log-dets). A graph runs a
 whole batch in C++ and takes the GIL once per call instead of once per tensor op, so a
 busy event loop in the same process (the service's) cannot stall the model between ops.
-Everything else (``log_prob``, ``encode``, ``bits_per_dim``, the layout) is the
-inherited Glow code. The graphs' constants are inference tensors (``torch.inference_mode``): a
-view or copy of a normal tensor in inference mode still goes through the autograd
-view-tracking kernel, which at batch 1 cost 3-6% of a call (``bench/README.md``). The graphs take any batch size: nothing in the flow branches on
-values or on the batch size.
+Everything else (``log_prob``, ``encode``, ``decode``, ``bits_per_dim``, the layout) is
+the inherited Glow code. The graphs take any batch size: nothing in the flow branches on
+values or on the batch size. Their constants are inference tensors (``torch.inference_mode``):
+a view or copy of an ordinary tensor in inference mode still goes through the autograd
+view-tracking kernel, which cost 3-6% of a batch-1 call (``bench/README.md``).
 
 Exactness (``tests/model/test_inference.py``, ``bench/fold_compare.py``): log-likelihoods
 within 1e-4 relative of the plain fp32 model, the same latents, and decode(encode(x)) == x
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from model.glow import Glow, split_latents
 
-TRACED_METHODS = ("log_prob_and_levels", "encode_with_log_prob", "decode")
+TRACED_METHODS = ("log_prob_and_levels", "encode_with_log_prob", "decode_and_finite")
 
 
 class _Method(nn.Module):
@@ -59,7 +59,7 @@ class TracedGlow(Glow):
             warnings.simplefilter("ignore", torch.jit.TracerWarning)  # decode's shape check: constant here
             source = copy.deepcopy(folded)  # its tensors made here are inference tensors: the graphs' constants
             examples = {"log_prob_and_levels": images, "encode_with_log_prob": images,
-                        "decode": Glow.encode(source, images)}
+                        "decode_and_finite": Glow.encode(source, images)}
             self._graphs = {
                 method: torch.jit.freeze(torch.jit.trace(_Method(source, method).eval(), examples[method],
                                                          check_trace=False, strict=False))  # strict: list outputs
@@ -84,9 +84,10 @@ class TracedGlow(Glow):
         return z, log_prob
 
     @torch.no_grad()
-    def decode(self, z: Tensor) -> Tensor:
+    def decode_and_finite(self, z: Tensor) -> tuple[Tensor, Tensor]:
         split_latents(z, self.latent_shapes)  # the shape check, before the graph
-        return self._graphs["decode"](z.to(self.dtype))
+        pixels, finite = self._graphs["decode_and_finite"](z.to(self.dtype))
+        return pixels, finite
 
     @staticmethod
     def _check_pixels(x: Tensor) -> None:

@@ -48,7 +48,7 @@ from service.state import ModelState, ServiceState
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 
-MAX_LATENT_ABS = 1e4  # |z| beyond this overflows the inverse flow; under the model z ~ N(0, 1)
+MAX_LATENT_ABS = float(np.finfo(np.float32).max)  # the model computes in float32; under it z ~ N(0, 1)
 MAX_SEED = 2**64 - 1
 RETRY_AFTER_S = "1"  # while loading or shutting down
 JSON, MULTIPART = "application/json", "multipart/form-data"
@@ -362,7 +362,13 @@ async def sample(
     request.state.images = n
     seed = secrets.randbelow(2**32) if seed is None else seed
     noise = state.runner.sample_noise(n, temperature, seed, number)
-    images = await until_disconnected(request, state.samples.submit(list(noise)))
+    decoded = await until_disconnected(request, state.samples.submit(list(noise)))
+    images = [image for image in decoded if image is not None]
+    if len(images) < n:
+        overflowed = [index for index, image in enumerate(decoded) if image is None]
+        raise HTTPException(422, f"samples {overflowed} of seed {seed} at temperature {temperature:g}: the inverse flow"
+                            " overflows on their latents (no image); a lower temperature keeps samples where the"
+                            " model maps them to images")
     if output == "png":
         png = await asyncio.to_thread(lambda: imaging.encode_png(imaging.grid(images)))
         return Response(png, media_type="image/png", headers={"X-Seed": str(seed), "X-Temperature": str(temperature)})
@@ -420,7 +426,13 @@ async def decode(request: Request, state: ModelDep) -> DecodeResponse:
     check_count(len(values), limits.max_images, "latents")
     request.state.images = len(values)
     latents = latents_array(values, state.runner.latent_dim)
-    images = await until_disconnected(request, state.decodings.submit(list(latents)))
+    decoded = await until_disconnected(request, state.decodings.submit(list(latents)))
+    images = [image for image in decoded if image is not None]
+    if len(images) < len(decoded):
+        overflowed = [index for index, image in enumerate(decoded) if image is None]
+        raise HTTPException(422, f"latents {overflowed}: the inverse flow overflows on them (no image; latents are"
+                            " standard normal under the model, and an image whose forward pass rounded a coupling's"
+                            " scale to 0 cannot be decoded back)")
     return DecodeResponse(images=await asyncio.to_thread(_png_base64, images))
 
 
@@ -534,15 +546,21 @@ async def read_images(
 async def multipart_images(request: Request, limit: int) -> list[bytes]:
     """The bytes of every ``images`` file part, or the contract's 4xx (a plain body read by ``service.formdata``,
     any other by Starlette's parser)."""
-    blobs = formdata.image_parts(request.headers["content-type"], await request.body(), limit)
+    body = await request.body()
+    blobs = formdata.image_parts(request.headers["content-type"], body, limit)
     if blobs is not None:
         return blobs
+    closing = formdata.closing_delimiter(request.headers["content-type"])
+    if closing is not None and closing not in body:  # python-multipart would drop the unfinished part silently
+        raise HTTPException(400, f"malformed multipart body: it ends before its closing delimiter {closing.decode()!r}"
+                            " (truncated, or a Content-Length shorter than the body)")
     parser = MultiPartParser(request.headers, request.stream(), max_files=limit, max_fields=64)  # the body, cached
     try:
         form = await parser.parse()
     except MultiPartException as exc:
         if exc.message.startswith("Too many files"):
-            raise HTTPException(413, f"more than {limit} images in one request; at most {limit} are accepted") from None
+            raise HTTPException(413, f"more than {limit} file parts in one request; at most {limit} images are"
+                                " accepted") from None
         raise HTTPException(400, f"malformed multipart body: {exc.message}") from None
     try:
         parts = form.getlist("images")
@@ -575,7 +593,7 @@ def latents_array(latents: list[list[float]], latent_dim: int) -> np.ndarray:
     if big.any():
         raise HTTPException(
             422,
-            f"latents[{int(np.argmax(big))}] holds values beyond +-{MAX_LATENT_ABS:g};"
+            f"latents[{int(np.argmax(big))}] holds values beyond +-{MAX_LATENT_ABS:.4g} (float32's range);"
             " latents are standard normal under the model",
         )
     return array

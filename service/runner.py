@@ -296,10 +296,12 @@ class ModelRunner:
         log_likelihood = torch.where(torch.isfinite(log_prob), log_prob.double(), LOG_LIKELIHOOD_FLOOR).tolist()
         return [Encoded(latent if ok else None, ll) for latent, ok, ll in zip(z.float().cpu().numpy(), finite, log_likelihood)]
 
-    def decode_batch(self, latents: list[np.ndarray]) -> list[np.ndarray]:
-        """Flat latents (latent_dim,) -> uint8 images (C, H, W)."""
+    def decode_batch(self, latents: list[np.ndarray]) -> list[np.ndarray | None]:
+        """Flat latents (latent_dim,) -> uint8 images (C, H, W); None for a latent whose inverse overflows
+        (``Glow.decode_and_finite``: it has no image)."""
         z = torch.from_numpy(np.stack(latents)).to(self.model.device)
-        return list(self.inference.decode(z).cpu().numpy())
+        pixels, finite = self.inference.decode_and_finite(z)
+        return [image if ok else None for image, ok in zip(pixels.cpu().numpy(), finite.tolist())]
 
     def sample_noise(self, n: int, temperature: float, seed: int, label: int | None = None) -> np.ndarray:
         """The latents ``Glow.sample(n, temperature, seed, label)`` decodes: (n, latent_dim) float64.

@@ -66,8 +66,8 @@ class ModelState:
 
         self.scores: Batcher[Scorable, Score] = batcher(LOG_LIKELIHOOD, runner.score_batch)
         self.encodings: Batcher[np.ndarray, Encoded] = batcher(ENCODE, runner.encode_batch)
-        self.decodings: Batcher[np.ndarray, np.ndarray] = batcher(DECODE, runner.decode_batch)
-        self.samples: Batcher[np.ndarray, np.ndarray] = batcher(SAMPLE, runner.decode_batch)
+        self.decodings: Batcher[np.ndarray, np.ndarray | None] = batcher(DECODE, runner.decode_batch)
+        self.samples: Batcher[np.ndarray, np.ndarray | None] = batcher(SAMPLE, runner.decode_batch)
         self.batchers = {
             LOG_LIKELIHOOD: self.scores,
             ENCODE: self.encodings,

@@ -169,3 +169,15 @@ def test_the_graphs_constants_are_inference_tensors_and_run_outside_inference_mo
         torch.testing.assert_close(traced.log_prob_and_levels(x)[0], want, rtol=TOLERANCE, atol=0)
     torch.testing.assert_close(traced.log_prob_and_levels(x)[0], want, rtol=TOLERANCE, atol=0)  # grad mode on
     assert torch.equal(traced.decode(traced.encode(x)), x)
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_decode_reports_the_latents_whose_inverse_overflows(form: str) -> None:
+    model = tiny_glow()
+    fast = FORMS[form](model)
+    z = 0.7 * torch.randn(3, model.latent_dim, generator=torch.Generator().manual_seed(0))
+    z[1] = 3e38  # finite in float32; the inverse's first multiplications take it past the range
+    pixels, finite = fast.decode_and_finite(z)
+    assert finite.tolist() == [True, False, True]
+    assert torch.equal(pixels[[0, 2]], model.decode(z[[0, 2]]))
+    assert torch.equal(fast.decode(z), pixels)
