@@ -259,8 +259,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="py-spy samples the event loop of ours and old in the first round at the highest concurrency")
     p.add_argument("--in-process", action="store_true",
-                   help="also time the served form in process (bench/inprocess.py) in the rotation of the highest"
-                   " one-image concurrency and of the bulk level, and print each server's images/s over it")
+                   help="also time the served form in process (bench/inprocess.py) in the rotation of the one-image"
+                   " levels of concurrency >= 64 (full batches) and of the bulk level, and print each server's"
+                   " images/s over it")
     p.add_argument("--json", type=Path, help="also write every run to this JSON file")
     return p.parse_args(argv)
 
@@ -324,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.bulk_images:
             levels.append((args.bulk_images, args.bulk_concurrency, bulk, bulk_type))
         profiled = max(args.concurrency, default=None) if args.profile else None
-        ceiling_levels = {(1, max(args.concurrency, default=0)), (args.bulk_images, args.bulk_concurrency)}
+        ceiling_levels = {(1, c) for c in args.concurrency if c >= inprocess.SERVED_BATCH}  # full batches
+        ceiling_levels.add((args.bulk_images, args.bulk_concurrency))
         for images, concurrency, body, content_type in levels:
             names = list(targets) + (["in-process"] if args.in_process and (images, concurrency) in ceiling_levels
                                      else [])

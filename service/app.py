@@ -28,6 +28,7 @@ from service.middleware import (
     BodyLimitMiddleware,
     BodyTimeout,
     BodyTooLarge,
+    HeadMiddleware,
     RequestContextMiddleware,
 )
 from service.pages import add_pages
@@ -81,6 +82,7 @@ def create_app(settings: Settings, runners: Mapping[str, ModelRunner] | ModelRun
     document_model_names(app, list(state.models))
     app.add_middleware(FastLaneMiddleware, routes=[*router.routes, *named_router.routes], paths=LANE_PATHS,
                        resolve_model=resolve_model)  # innermost: inside the limits, IDs, metrics and logs
+    app.add_middleware(HeadMiddleware)
     app.add_middleware(BodyLimitMiddleware, cap_for=state.body_cap, body_timeout_s=settings.body_timeout_s)
     app.add_middleware(AdmissionMiddleware, max_in_flight=settings.max_in_flight,
                        stopping=lambda: state.shutting_down)

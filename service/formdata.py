@@ -49,6 +49,13 @@ def image_parts(content_type: str, body: bytes, max_parts: int) -> list[bytes] |
     return blobs
 
 
+def closing_delimiter(content_type: str) -> bytes | None:
+    """``--boundary--``, the line that ends a multipart body of ``content_type``; None without a boundary."""
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    return b"--" + boundary + b"--" if boundary else None
+
+
 def _is_image_file_part(head: bytes) -> bool:
     """Whether a part's header block names a file part ``images`` (plain token header names, each once)."""
     disposition = None

@@ -2,16 +2,16 @@
 
 Decoding untrusted bytes only ever raises an :class:`ImageError` whose ``status_code``
 is the contract's: 400 undecodable, 413 too large (Pillow's decompression-bomb guard,
-kept as it is, and the source-pixel budget of resizing), 422 the wrong size (unless
+kept as it is, the source-pixel budget of resizing, JPEG scans), 422 the wrong size (unless
 resizing). An image of another mode is converted to the model's (L for one channel,
-RGB for three).
+RGB for three; 16-bit grey scaled to 8 bits).
 
 The cost of a request is bounded before any pixel is decoded: :func:`decode_images`
 reads every image's header first (a few hundred bytes each) and refuses the request if
-an image has the wrong size or, when resizing, if its images hold more than
-``max_source_pixels`` pixels in all. JPEGs are then decoded at a reduced scale where
-that suffices (Pillow's ``draft``), and large downscales start with a box reduction
-(``reducing_gap``).
+an image has the wrong size, is a JPEG of more than ``MAX_JPEG_SCANS`` scans, or, when
+resizing, if its images hold more than ``max_source_pixels`` pixels in all. JPEGs are
+then decoded at a reduced scale where that suffices (Pillow's ``draft``), and large
+downscales start with a box reduction (``reducing_gap``).
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from PIL import Image, UnidentifiedImageError
 FORMATS = ("PNG", "JPEG")
 MODES = {1: "L", 3: "RGB"}  # channels -> Pillow mode
 MAX_RESIZE_PIXELS = 2048 * 2048  # largest image resize=true decodes (a bound on work per image)
+MAX_JPEG_SCANS = 100  # progressive JPEGs use ~10; each scan re-reads the image's coefficients (~0.5 ms at 4 Mpx)
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})  # Pillow's modes of 16-bit grey PNGs
 REDUCING_GAP = 3.0  # downscales by more than this start with a box reduction (Pillow: near-identical quality)
 GRID_PADDING = 2  # pixels between the tiles of a sample grid
 
@@ -82,9 +84,30 @@ def refuse_bombs(width: int, height: int) -> None:
         )
 
 
+def refuse_scan_bombs(data: bytes) -> None:
+    """ImageTooLarge for a JPEG of more than :data:`MAX_JPEG_SCANS` scans, whose decoding costs a pass over
+    the image per scan (a 62 KB JPEG of 2,800 tiny scans took 1.5 s of CPU). Each scan begins with an SOS
+    marker (FF DA); entropy-coded data stuffs every FF byte with 00, so those two bytes never occur inside a scan.
+    """
+    if data[:2] == b"\xff\xd8":
+        scans = data.count(b"\xff\xda")
+        if scans > MAX_JPEG_SCANS:
+            raise ImageTooLarge(f"JPEG of {scans} scans refused: at most {MAX_JPEG_SCANS} are decoded")
+
+
+def eight_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit grey image (a 16-bit PNG) scaled to 8 bits, round(v / 257); Pillow's own ``convert("L")`` clips
+    every value past 255 instead. Any other image unchanged."""
+    if image.mode not in SIXTEEN_BIT_MODES:
+        return image
+    values = np.clip(np.asarray(image, dtype=np.float64), 0, 65535)
+    return Image.fromarray(np.rint(values / 257).astype(np.uint8), mode="L")
+
+
 def decode_image(data: bytes, shape: tuple[int, int, int], resize: bool = False) -> np.ndarray:
     """PNG or JPEG bytes -> uint8 pixels of ``shape`` (C, H, W), or ImageError."""
     channels, height, width = shape
+    refuse_scan_bombs(data)
     with untrusted_image():
         with Image.open(io.BytesIO(data), formats=FORMATS) as image:
             size = image.size
@@ -102,7 +125,7 @@ def decode_image(data: bytes, shape: tuple[int, int, int], resize: bool = False)
                     )
             if size != (width, height):
                 image.draft(mode_of(channels), (width, height))  # JPEG: decode at 1/2..1/8 scale where it suffices
-            converted = image.convert(mode_of(channels))
+            converted = eight_bit(image).convert(mode_of(channels))
             if converted.size != (width, height):
                 converted = converted.resize((width, height), Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP)
             pixels = np.asarray(converted, dtype=np.uint8)
@@ -110,7 +133,9 @@ def decode_image(data: bytes, shape: tuple[int, int, int], resize: bool = False)
 
 
 def image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from the image's header alone, or ImageError (undecodable, or past Pillow's bomb limit)."""
+    """(width, height) from the image's header alone, or ImageError (undecodable, past Pillow's bomb limit, or a
+    JPEG of too many scans)."""
+    refuse_scan_bombs(data)
     with untrusted_image():
         with Image.open(io.BytesIO(data), formats=FORMATS) as image:
             width, height = image.size

@@ -1,4 +1,4 @@
-"""Pure ASGI middleware: request IDs, one access-log line and metrics per request, admission, body limits.
+"""Pure ASGI middleware: request IDs, one access-log line and metrics per request, admission, body limits, HEAD.
 
 Pure ASGI (not ``BaseHTTPMiddleware``) so request bodies stream through untouched and
 the request's task is the handler's own (a client's disconnect reaches the handler).
@@ -202,6 +202,29 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, guarded_receive, send)
+
+
+class HeadMiddleware:
+    """HEAD answered as GET without its body: a server supports HEAD wherever it supports GET (RFC 9110,
+    section 9.3.2), and FastAPI's GET routes do not. The status and headers, Content-Length included, are GET's.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def without_body(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, without_body)
 
 
 def _error(status: int, detail: str) -> JSONResponse:

@@ -171,7 +171,7 @@ CASES: dict[str, tuple[str, Callable[[dict], dict], int, str]] = {
         "files": files([black_png(2048, 2048)] * 2), "params": {"resize": "true"}}, 413,
         "8388608 pixels in all"),
     "65-images-multipart": ("/log-likelihood", lambda lim: {"files": files([PNG] * 65)}, 413,
-                            "more than 64 images in one request"),
+                            "more than 64 file parts in one request"),
     "65-images-json": ("/encode", lambda lim: {"json": {"images": [b64(PNG)] * 65}}, 413,
                        "65 images in one request; at most 64"),
     "image-past-its-byte-cap": ("/log-likelihood", lambda lim: {"files": files([padded_png(lim["max_image_bytes"])])},

@@ -36,6 +36,35 @@ def test_other_modes_are_converted_to_the_model_mode(mode: str) -> None:
     assert pixels.shape == SHAPE and pixels.dtype == np.uint8
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_16_bit_grey_is_scaled_to_8_bits_not_clipped(channels: int) -> None:
+    (gray,) = random_pixels(1, 12)
+    buffer = io.BytesIO()
+    Image.fromarray(gray[0].astype(np.uint16) * 257).save(buffer, format="PNG")  # the same picture, 16 bits deep
+    assert Image.open(io.BytesIO(buffer.getvalue())).mode == "I;16"
+    pixels = imaging.decode_image(buffer.getvalue(), (channels, *SHAPE[1:]))
+    assert all(np.array_equal(plane, gray[0]) for plane in pixels)
+
+
+def test_jpegs_of_too_many_scans_are_refused_before_decoding() -> None:
+    (gray,) = random_pixels(1, 13)
+    buffer = io.BytesIO()
+    Image.fromarray(gray[0]).save(buffer, format="JPEG", progressive=True)
+    progressive = buffer.getvalue()
+    assert imaging.decode_image(progressive, SHAPE).shape == SHAPE  # a usual progressive JPEG: ~10 scans
+    first_scan = progressive.index(b"\xff\xda")
+    end = progressive.index(b"\xff", first_scan + 2)  # the first scan runs up to the next marker:
+    while progressive[end + 1] == 0 or 0xD0 <= progressive[end + 1] <= 0xD7:  # not a stuffed byte nor a restart
+        end = progressive.index(b"\xff", end + 2)
+    scan = progressive[first_scan:end]  # repeated, as a scan bomb repeats its scans
+    bomb = progressive[:first_scan] + scan * imaging.MAX_JPEG_SCANS + progressive[first_scan:]
+    scans = bomb.count(b"\xff\xda")
+    assert scans > imaging.MAX_JPEG_SCANS
+    for decode in (lambda: imaging.decode_image(bomb, SHAPE), lambda: imaging.image_size(bomb)):
+        with pytest.raises(ImageTooLarge, match=f"JPEG of {scans} scans refused: at most {imaging.MAX_JPEG_SCANS}"):
+            decode()
+
+
 def test_grayscale_is_converted_for_an_rgb_model() -> None:
     (gray,) = random_pixels(1, 3)
     pixels = imaging.decode_image(to_png(gray), (3, *SHAPE[1:]))

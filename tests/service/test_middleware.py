@@ -99,3 +99,18 @@ async def test_an_escaping_exception_is_a_500_naming_the_request(caplog: pytest.
     assert "KeyError" in caplog.text  # the traceback is logged
     assert metrics.registry.get_sample_value("glow_requests_total", {"model": "", "endpoint": "unmatched",
                                                                             "status": "500"}) == 1
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/model", "/models", "/", "/docs", "/metrics", "/sample?n=1"])
+async def test_head_is_get_without_the_body(client: httpx.AsyncClient, path: str) -> None:
+    get, head = await client.get(path), await client.head(path)
+    assert head.status_code == get.status_code == 200
+    assert head.content == b"" and get.content
+    same = ("content-type",) if path == "/metrics" else ("content-type", "content-length")  # metrics move
+    assert all(head.headers.get(name) == get.headers.get(name) for name in same)
+    assert head.headers["x-request-id"]
+
+
+async def test_head_of_a_post_only_route_is_405(client: httpx.AsyncClient) -> None:
+    response = await client.head("/log-likelihood")
+    assert response.status_code == 405 and response.content == b""

@@ -185,6 +185,10 @@ async def test_wrong_size_is_422_unless_resize(client: httpx.AsyncClient, refere
     assert log_likelihoods(by_field) == expected
 
 
+UNFINISHED = (b'--B\r\nContent-Disposition: form-data; name="images"; filename="a.png"\r\n\r\n'
+              + to_png(random_pixels(1, 0)[0]) + b"\r\n")  # a whole part, and no closing delimiter
+
+
 @pytest.mark.parametrize(
     ("make_request", "status", "message"),
     [
@@ -198,12 +202,14 @@ async def test_wrong_size_is_422_unless_resize(client: httpx.AsyncClient, refere
         (lambda: {"files": [("image", ("a.png", b"x", "image/png"))]}, 422, "no 'images' parts"),
         (lambda: {"data": {"images": "text"}, "files": [("other", ("a", b"x"))]}, 400, "is a text field"),
         (lambda: {"content": b"--x--", "headers": {"content-type": "multipart/form-data"}}, 400, "multipart"),
+        (lambda: {"content": UNFINISHED, "headers": {"content-type": "multipart/form-data; boundary=B"}}, 400,
+         "malformed multipart body: it ends before its closing delimiter '--B--'"),
         (lambda: {"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "unsupported content type"),
         (lambda: {"content": b"hello"}, 415, "'(none)'"),
     ],
     ids=[
         "undecodable-image", "bad-base64", "bad-json", "empty-body", "images-not-a-list", "no-images",
-        "extra-field", "no-images-part", "text-part", "no-boundary", "text-plain", "no-content-type",
+        "extra-field", "no-images-part", "text-part", "no-boundary", "truncated", "text-plain", "no-content-type",
     ],
 )  # fmt: skip
 async def test_bad_image_requests_get_a_clear_4xx(
@@ -294,6 +300,24 @@ async def test_sample_png_is_one_grid(client: httpx.AsyncClient) -> None:
     assert grid.mode == "L" and grid.size == (3 * 28 + 4 * 2, 2 * 28 + 3 * 2)  # 3 columns, 2 rows, 2 px padding
 
 
+async def test_samples_whose_inverse_overflows_are_refused_not_drawn_grey(client: httpx.AsyncClient) -> None:
+    response = await client.get("/sample", params={"n": 2, "temperature": 1e38, "seed": 5})
+    assert response.status_code == 422
+    detail = response.json()["detail"]
+    assert detail.startswith("samples [0, 1] of seed 5 at temperature 1e+38: the inverse flow overflows")
+    png = await client.get("/sample", params={"n": 2, "temperature": 1e38, "seed": 5, "format": "png"})
+    assert png.status_code == 422
+
+
+async def test_decode_refuses_latents_whose_inverse_overflows_and_names_them(client: httpx.AsyncClient) -> None:
+    latents = [[0.0] * 784, [3e38] * 784, [0.1] * 784]
+    response = await client.post("/decode", json={"latents": latents})
+    assert response.status_code == 422
+    assert response.json()["detail"].startswith("latents [1]: the inverse flow overflows on them")
+    fine = await client.post("/decode", json={"latents": [latents[0], latents[2]]})
+    assert fine.status_code == 200 and len(fine.json()["images"]) == 2
+
+
 @pytest.mark.parametrize(
     ("params", "message"),
     [
@@ -377,7 +401,7 @@ def latent_body(values: str, count: int = 784) -> dict:
         (lambda: latent_body("NaN"), 422, "latents[1] holds NaN or infinite values"),
         (lambda: latent_body("Infinity"), 422, "latents[1] holds NaN or infinite values"),
         (lambda: latent_body("-1e400"), 422, "latents[1] holds NaN or infinite values"),
-        (lambda: latent_body("20000.0"), 422, "latents[1] holds values beyond +-10000"),
+        (lambda: latent_body("1e39"), 422, "latents[1] holds values beyond +-3.403e+38 (float32's range)"),
         (lambda: latent_body("0.0", count=783), 422, "latents[1] has 783 values; this model's latents have 784"),
         (lambda: latent_body('"0.5"'), 422, "latents[1][0]: Input should be a valid number"),
         (lambda: {"json": {"latents": []}}, 422, "latents: List should have at least 1 item"),
