@@ -31,6 +31,11 @@ _ID_COUNTER = itertools.count()
 access_log = logging.getLogger("service.access")
 
 
+def new_request_id() -> str:
+    """An ID for a request whose client sent none usable: this process's prefix and a counter."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
+
+
 PROBES = ("/healthz", "/readyz", "/metrics")  # never limited: they must answer while the service is busy
 CLOSE = (b"connection", b"close")
 
@@ -65,7 +70,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         client_id = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
-        request_id = client_id if CLIENT_REQUEST_ID.fullmatch(client_id) else f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
+        request_id = client_id if CLIENT_REQUEST_ID.fullmatch(client_id) else new_request_id()
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         started = time.perf_counter()

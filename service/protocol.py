@@ -28,12 +28,16 @@ from typing import cast
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-TIMEOUT_BODY = json.dumps({"detail": "the request head did not arrive in time; the connection is closed"}).encode()
-REQUEST_TIMEOUT = (
-    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-    + f"content-length: {len(TIMEOUT_BODY)}\r\n\r\n".encode()
-    + TIMEOUT_BODY
-)
+from service.middleware import REQUEST_ID_HEADER, new_request_id
+
+HEAD_TIMEOUT = "the request head did not arrive in time; the connection is closed"
+
+
+def refusal(status: int, reason: str, detail: str) -> bytes:
+    """A whole response, written below the app: ``{"detail": ...}`` with a request ID, and the connection closed."""
+    body = json.dumps({"detail": detail}).encode()
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            f"content-length: {len(body)}\r\n{REQUEST_ID_HEADER.lower()}: {new_request_id()}\r\n\r\n").encode() + body
 
 
 LINGER_S = 2.0  # longest wait for a client to close after the server's FIN
@@ -139,7 +143,12 @@ class GuardedH11Protocol(H11Protocol):
         if self.transport.is_closing() or self._request_in_progress():
             return
         if self._partly_received():
-            self.transport.write(REQUEST_TIMEOUT)
+            self.transport.write(refusal(408, "Request Timeout", HEAD_TIMEOUT))
+        self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes that are not HTTP/1.1 (h11 refused them), as JSON with a request ID."""
+        self.transport.write(refusal(400, "Bad Request", f"malformed HTTP request: {msg}"))
         self.transport.close()
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import uvicorn
 from uvicorn.server import ServerState
 
-from service.protocol import REQUEST_TIMEOUT, guarded_protocol
+from service.protocol import HEAD_TIMEOUT, guarded_protocol
 
 
 class DuckTransport:
@@ -54,5 +55,25 @@ async def test_a_stalled_head_on_a_duck_typed_transport_is_answered_408_and_clos
     protocol.connection_made(transport)  # type: ignore[arg-type]
     protocol.data_received(b"POST /log-likelihood HTTP/1.1\r\nHost: x\r\n")  # half a head
     await asyncio.sleep(0.2)
-    assert transport.written == [REQUEST_TIMEOUT]
+    (answer,) = transport.written
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 Request Timeout\r\n") and b"\r\nx-request-id: " in head
+    assert json.loads(body) == {"detail": HEAD_TIMEOUT}
     assert transport.eof  # the lingering close: FIN first
+
+
+async def test_bytes_that_are_not_http_get_a_json_400_with_a_request_id() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("no request reaches the app")
+
+    config = uvicorn.Config(app, http=guarded_protocol(5.0), loop="asyncio", log_level="critical")
+    config.load()
+    protocol = config.http_protocol_class(config=config, server_state=ServerState(), app_state={})
+    transport = DuckTransport()
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+    protocol.data_received(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 12abc\r\n\r\n")
+    (answer,) = transport.written
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n") and b"\r\nx-request-id: " in head
+    assert json.loads(body)["detail"].startswith("malformed HTTP request: ")
+    assert transport.eof
