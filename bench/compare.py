@@ -14,6 +14,10 @@ Levels: one image per request at each ``--concurrency``, and ``--bulk-images`` i
 request at ``--bulk-concurrency``. Before timing, one bulk request goes to every server and
 their results must be identical (field by field, exactly), or the run stops.
 
+With ``--in-process``, ``bench/inprocess.py`` (the served form timed in a fresh process, no HTTP) takes a
+turn in the rotation of the levels that fill batches (one image at concurrency >= 64, and bulk), and
+each server's images/s is printed over its figures: the issue-17 ratios "served / in-process".
+
 Per run: requests/s and images/s, p50/p99 latency, and the CPU each request cost, from
 ``/proc`` (utime + stime of every thread of the server's process tree, before and after):
 for ``ours``/``old``, split into the event loops (the main thread of each server process), the

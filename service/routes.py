@@ -362,13 +362,11 @@ async def sample(
     request.state.images = n
     seed = secrets.randbelow(2**32) if seed is None else seed
     noise = state.runner.sample_noise(n, temperature, seed, number)
-    decoded = await until_disconnected(request, state.samples.submit(list(noise)))
-    images = [image for image in decoded if image is not None]
-    if len(images) < n:
-        overflowed = [index for index, image in enumerate(decoded) if image is None]
-        raise HTTPException(422, f"samples {overflowed} of seed {seed} at temperature {temperature:g}: the inverse flow"
-                            " overflows on their latents (no image); a lower temperature keeps samples where the"
-                            " model maps them to images")
+    images = decoded_or_422(
+        await until_disconnected(request, state.samples.submit(list(noise))),
+        lambda bad: f"samples {bad} of seed {seed} at temperature {temperature:g}: the inverse flow overflows on their"
+        " latents (no image); a lower temperature keeps samples where the model maps them to images",
+    )
     if output == "png":
         png = await asyncio.to_thread(lambda: imaging.encode_png(imaging.grid(images)))
         return Response(png, media_type="image/png", headers={"X-Seed": str(seed), "X-Temperature": str(temperature)})
@@ -426,13 +424,11 @@ async def decode(request: Request, state: ModelDep) -> DecodeResponse:
     check_count(len(values), limits.max_images, "latents")
     request.state.images = len(values)
     latents = latents_array(values, state.runner.latent_dim)
-    decoded = await until_disconnected(request, state.decodings.submit(list(latents)))
-    images = [image for image in decoded if image is not None]
-    if len(images) < len(decoded):
-        overflowed = [index for index, image in enumerate(decoded) if image is None]
-        raise HTTPException(422, f"latents {overflowed}: the inverse flow overflows on them (no image; latents are"
-                            " standard normal under the model, and an image whose forward pass rounded a coupling's"
-                            " scale to 0 cannot be decoded back)")
+    images = decoded_or_422(
+        await until_disconnected(request, state.decodings.submit(list(latents))),
+        lambda bad: f"latents {bad}: the inverse flow overflows on them (no image; latents are standard normal under"
+        " the model, and an image whose forward pass rounded a coupling's scale to 0 cannot be decoded back)",
+    )
     return DecodeResponse(images=await asyncio.to_thread(_png_base64, images))
 
 
@@ -597,6 +593,15 @@ def latents_array(latents: list[list[float]], latent_dim: int) -> np.ndarray:
             " latents are standard normal under the model",
         )
     return array
+
+
+def decoded_or_422(decoded: list[np.ndarray | None], problem: Callable[[list[int]], str]) -> list[np.ndarray]:
+    """The images of ``ModelRunner.decode_batch``, or 422 with ``problem(indices)`` of those it has none of
+    (their inverse overflowed)."""
+    overflowed = [index for index, image in enumerate(decoded) if image is None]
+    if overflowed:
+        raise HTTPException(422, problem(overflowed))
+    return [image for image in decoded if image is not None]
 
 
 def _png_base64(images: list[np.ndarray]) -> list[str]:
