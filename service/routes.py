@@ -311,7 +311,7 @@ def _class_number(state: ModelState, label: str) -> int:
         raise HTTPException(422, "query parameter 'label': this checkpoint is not class-conditional (no labels)")
     if label in labels:
         return labels.index(label)
-    if label.isdecimal() and int(label) < len(labels):
+    if label.isascii() and label.isdecimal() and int(label) < len(labels):  # "3", not "٣" or "３"
         return int(label)
     raise HTTPException(422, f"query parameter 'label': {label!r} is neither a class name nor a number below "
                         f"{len(labels)}; the classes: {', '.join(labels)}")

@@ -102,7 +102,7 @@ async def test_sample_without_label_is_the_mixture_and_reproducible(conditional:
     assert np.array_equal(first, model.sample(4, 0.7, seed=9).numpy())
 
 
-@pytest.mark.parametrize("label", ["3", "horse", "-1", "", "1.0"])
+@pytest.mark.parametrize("label", ["3", "horse", "-1", "", "1.0", "\u0661", "\uff11"])  # Arabic-Indic and fullwidth 1
 async def test_unknown_labels_are_422_naming_the_classes(conditional: httpx.AsyncClient, label: str) -> None:
     response = await conditional.get("/sample", params={"n": 1, "label": label})
     assert response.status_code == 422
