@@ -44,15 +44,22 @@ class DuckTransport:
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None: ...
 
 
-async def test_a_stalled_head_on_a_duck_typed_transport_is_answered_408_and_closed() -> None:
+def connection(header_timeout_s: float) -> tuple[Any, DuckTransport]:
+    """The guarded protocol of an app no request may reach, connected to a duck-typed transport."""
+
     async def app(scope: Any, receive: Any, send: Any) -> None:
         raise AssertionError("no request reaches the app")
 
-    config = uvicorn.Config(app, http=guarded_protocol(0.05), loop="asyncio", log_level="critical")
+    config = uvicorn.Config(app, http=guarded_protocol(header_timeout_s), loop="asyncio", log_level="critical")
     config.load()
     protocol = config.http_protocol_class(config=config, server_state=ServerState(), app_state={})
     transport = DuckTransport()
-    protocol.connection_made(transport)  # type: ignore[arg-type]
+    protocol.connection_made(transport)
+    return protocol, transport
+
+
+async def test_a_stalled_head_on_a_duck_typed_transport_is_answered_408_and_closed() -> None:
+    protocol, transport = connection(0.05)
     protocol.data_received(b"POST /log-likelihood HTTP/1.1\r\nHost: x\r\n")  # half a head
     await asyncio.sleep(0.2)
     (answer,) = transport.written
@@ -63,14 +70,7 @@ async def test_a_stalled_head_on_a_duck_typed_transport_is_answered_408_and_clos
 
 
 async def test_bytes_that_are_not_http_get_a_json_400_with_a_request_id() -> None:
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        raise AssertionError("no request reaches the app")
-
-    config = uvicorn.Config(app, http=guarded_protocol(5.0), loop="asyncio", log_level="critical")
-    config.load()
-    protocol = config.http_protocol_class(config=config, server_state=ServerState(), app_state={})
-    transport = DuckTransport()
-    protocol.connection_made(transport)  # type: ignore[arg-type]
+    protocol, transport = connection(5.0)
     protocol.data_received(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 12abc\r\n\r\n")
     (answer,) = transport.written
     head, _, body = answer.partition(b"\r\n\r\n")
