@@ -5,6 +5,8 @@
   408 and closed; a connection that sends nothing is closed (uvicorn's keep-alive timeout
   does the same between requests). Bodies have their own deadline
   (``service.middleware.BodyLimitMiddleware``).
+- What this layer answers itself (that 408, and the 400 for bytes h11 refuses as HTTP/1.1)
+  is ``{"detail": ...}`` with an ``X-Request-ID``, as every response of the app.
 - Closing is lingering (Apache's lingering close): the server half-closes (FIN after the
   last response) and discards what the client still sends for up to ``LINGER_S`` or until
   the client closes. A plain close with unread bytes in the socket (the rest of a body
