@@ -116,12 +116,17 @@ def save_checkpoint(
     return weights
 
 
+def _refuse_non_finite(constant: str) -> float:
+    """``json.loads``' hook for NaN and +-Infinity, which JSON does not have: a sidecar holding one is corrupt."""
+    raise ValueError(f"{constant} is not a JSON number")
+
+
 def read_sidecar(sidecar: Path) -> dict[str, Any]:
     if not sidecar.is_file():
         raise CheckpointError(f"{sidecar}: checkpoint sidecar not found")
     try:
-        meta = json.loads(sidecar.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        meta = json.loads(sidecar.read_text(), parse_constant=_refuse_non_finite)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: JSON, digits, NaN
         raise CheckpointError(f"{sidecar}: unreadable checkpoint sidecar: {exc}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{sidecar}: not a {FORMAT} sidecar")

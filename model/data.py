@@ -172,6 +172,8 @@ def read_npz_images(path: str | Path) -> np.ndarray:
     """
     path = Path(path)
     try:
+        if not zipfile.is_zipfile(path):  # np.load would take it for a pickle and say so
+            raise DataError(f"{path}: not a .npz archive (not a zip file)")
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, NpzFile):
             raise DataError(f"{path}: not a .npz archive")

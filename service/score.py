@@ -17,6 +17,7 @@ import io
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -156,6 +157,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch-size must be at least 1")
+    if args.retries < 0:
+        p.error("--retries must be at least 0")
+    if args.output is not None and args.output.is_dir():
+        p.error(f"--output {args.output}: is a folder; give a file")
     return args
 
 
@@ -167,6 +172,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     standard output closed it."""
     args = parse_args(argv)
     form = args.format or ("jsonl" if args.output and args.output.suffix == ".jsonl" else "csv")
+    try:  # written beside --output and renamed onto it once every image is scored: a refusal leaves it as it was
+        partial = tempfile.NamedTemporaryFile("w", newline="", dir=args.output.parent, prefix=f".{args.output.name}.",
+                                              suffix=".partial", delete=False) if args.output else None
+    except OSError as exc:
+        print(f"glow score: --output {args.output}: {exc}", file=sys.stderr)
+        return 2
     try:
         names, blobs = images_of(args.input)
         scorer: InProcess | Remote = (
@@ -175,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except (DataError, ValueError, CheckpointError, DeviceUnavailable) as exc:
         print(f"glow score: {exc}", file=sys.stderr)
+        _discard(partial)
         return 2
     progress = tqdm(total=len(names), unit="image", disable=args.quiet, file=sys.stderr)
 
@@ -184,21 +196,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                 yield {"image": name, **result}
             progress.update(len(chunk))
 
-    output = args.output.open("w", newline="") if args.output else sys.stdout
+    output = partial if partial is not None else sys.stdout
     try:
         count = write_rows(rows(), output, form)
+        if partial is not None:
+            partial.close()
+            os.replace(partial.name, args.output)
     except BrokenPipeError:  # the reader stopped early (``glow score ... | head``): end quietly, as SIGPIPE would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush finds a sink
         return BROKEN_PIPE
-    except (DataError, OSError, httpx.HTTPError) as exc:
+    except (DataError, ValueError, OSError, httpx.HTTPError) as exc:  # ValueError: e.g. 2-channel images
         print(f"glow score: {exc}", file=sys.stderr)
+        _discard(partial)
         return 2
     finally:
         progress.close()
         scorer.close()
-        if args.output:
-            output.close()
     print(f"glow score: {count} images scored{f' -> {args.output}' if args.output else ''}", file=sys.stderr)
     return 0
 
 
+def _discard(partial: IO[str] | None) -> None:
+    """Close and remove the unfinished output file, if any."""
+    if partial is not None:
+        partial.close()
+        Path(partial.name).unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

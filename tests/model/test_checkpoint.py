@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -56,6 +57,24 @@ def test_missing_files_are_refused(saved: tuple[Glow, Path], tmp_path: Path) -> 
         load_checkpoint(tmp_path / "nowhere")
     (folder / "glow.json").unlink()
     with pytest.raises(CheckpointError, match="sidecar not found"):
+        load_checkpoint(folder)
+
+
+@pytest.mark.parametrize(("corrupt", "message"), [
+    (lambda text: "[" * 100_000 + "]" * 100_000, "maximum recursion depth"),
+    (lambda text: text.replace('"levels": 2', '"levels": 2' + "0" * 5000, 1), "integer string conversion"),
+    (lambda text: text.replace('"test_bits_per_dim": 5.0', '"test_bits_per_dim": NaN', 1), "NaN is not a JSON number"),
+    (lambda text: text.replace('"test_bits_per_dim": 5.0', '"test_bits_per_dim": -Infinity', 1),
+     "-Infinity is not a JSON number"),
+], ids=["deep", "5000-digit", "nan", "infinity"])  # fmt: skip
+def test_a_hostile_sidecar_is_one_checkpoint_error(saved: tuple[Glow, Path], corrupt: Any, message: str) -> None:
+    _, folder = saved
+    sidecar = folder / "glow.json"
+    text = sidecar.read_text()
+    changed = corrupt(text)
+    assert changed != text
+    sidecar.write_text(changed)
+    with pytest.raises(CheckpointError, match=f"unreadable checkpoint sidecar: .*{message}"):
         load_checkpoint(folder)
 
 

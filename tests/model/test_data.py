@@ -214,6 +214,13 @@ def test_npz_corrupt(tmp_path: Path) -> None:
     assert str(info.value).startswith(f"{path}: ")
 
 
+def test_a_file_that_is_not_a_zip_is_not_an_npz_not_a_pickle(tmp_path: Path) -> None:
+    path = tmp_path / "notes.npz"
+    path.write_text("just some text\n")
+    with pytest.raises(DataError, match="notes.npz: not a .npz archive \\(not a zip file\\)$"):
+        read_npz_images(path)
+
+
 def test_load_images_dispatch(tmp_path: Path) -> None:
     images = sample_images()
     idx = tmp_path / "images-idx3-ubyte"

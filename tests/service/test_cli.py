@@ -106,6 +106,41 @@ def test_score_names_the_image_it_cannot_score(tmp_path: Path, tiny_checkpoint: 
     assert "sub/small.png: image is 20x20 pixels, the model takes 28x28" in err and "pass --resize" in err
 
 
+def test_a_refused_score_leaves_the_output_file_as_it_was(tmp_path: Path, tiny_checkpoint: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "keep.csv"
+    out.write_text("PRECIOUS\n")
+    np.savez(tmp_path / "two.npz", images=np.zeros((2, 28, 28, 2), dtype=np.uint8))  # 2 channels: no model takes them
+    assert main(["score", str(tmp_path / "two.npz"), "--weights", str(tiny_checkpoint), "--device", "cpu",
+                 "--output", str(out), "--quiet"]) == 2  # fmt: skip
+    assert "only 1- and 3-channel images are supported, not 2" in capsys.readouterr().err
+    assert out.read_text() == "PRECIOUS\n" and sorted(p.name for p in tmp_path.iterdir()) == ["keep.csv", "two.npz"]
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--retries", "-1"], "--retries must be at least 0"),
+    (["--output", "."], "is a folder; give a file"),
+])  # fmt: skip
+def test_bad_score_flags_are_one_line_and_exit_2(tmp_path: Path, flags: list[str], message: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["score", str(tmp_path), "--url", "http://127.0.0.1:9", *flags])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "no" / "such" / "s.csv"
+    assert main(["score", str(tmp_path / "absent.npz"), "--url", "http://127.0.0.1:9", "--output", str(out)]) == 2
+    assert capsys.readouterr().err.startswith(f"glow score: --output {out}: ")
+
+
+def test_python_m_service_score_runs_the_command() -> None:
+    done = subprocess.run([sys.executable, "-m", "service.score", "--help"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0 and "usage: glow score" in done.stdout
+
+
 def cut_patches(root: Path, offset: int, count: int) -> None:
     """``count`` 32x32 patches of each sample photograph into root/<photo>/NN.png."""
     from sklearn.datasets import load_sample_images
