@@ -223,7 +223,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, required=True, help="run folder (state, log)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output exactly")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    problem = flag_problem(args)
+    if problem is not None:
+        p.error(problem)
+    return args
+
+
+AT_LEAST_1 = ("batch_size", "levels", "steps", "hidden", "threads")
+AT_LEAST_0 = ("max_steps", "warmup_steps", "decay_start", "seed", "val_seed")  # --max-steps 0: set up and evaluate
+POSITIVE = ("lr", "eval_minutes", "checkpoint_minutes", "epochs")  # finite and > 0
+UNIT_INTERVAL = {"ema_decay": (0.0, 1.0, False), "min_lr_ratio": (0.0, 1.0, True)}  # (low, high, high included)
+SCHEDULES = ("constant", "cosine")
+
+
+def flag_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the numeric flags given (None: nothing), before any data is read or state written."""
+
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    given = {name: value for name, value in vars(args).items() if value is not None}
+    for name in AT_LEAST_1:
+        if name in given and given[name] < 1:
+            return f"{flag(name)} must be at least 1, got {given[name]}"
+    for name in AT_LEAST_0:
+        if name in given and given[name] < 0:
+            return f"{flag(name)} must be at least 0, got {given[name]}"
+    for name in POSITIVE:
+        if name in given and not (math.isfinite(given[name]) and given[name] > 0):
+            return f"{flag(name)} must be a finite number above 0, got {given[name]}"
+    if "grad_clip" in given and not (math.isfinite(given["grad_clip"]) and given["grad_clip"] >= 0):
+        return f"--grad-clip must be a finite number >= 0 (0: off), got {given['grad_clip']}"
+    for name, (low, high, closed) in UNIT_INTERVAL.items():
+        value = given.get(name)
+        if value is not None and not (low <= value < high or (closed and value == high)):
+            return f"{flag(name)} must be in [{low:g}, {high:g}{']' if closed else ')'}, got {value}"
+    if not 1 <= args.n_bits <= 8:
+        return f"--n-bits must be in 1..8, got {args.n_bits}"
+    if "schedule" in given and given["schedule"] not in SCHEDULES:
+        return f"--schedule must be one of {', '.join(SCHEDULES)}, got {given['schedule']!r}"
+    if args.output.exists() and not args.output.is_dir():
+        return f"--output {args.output}: is a file; the run needs a folder"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -330,9 +372,12 @@ def split_data(dataset: Dataset, train_index: np.ndarray, val_index: np.ndarray,
 
 def previous_run(args: argparse.Namespace) -> dict[str, Any] | None:
     """The JSON part of the state to continue (``--resume``), or None for a fresh run."""
-    if not args.resume:
-        return None
     path = args.output / STATE_FILE
+    if not args.resume:
+        if path.exists():
+            raise SystemExit(f"--output {args.output} holds a run ({STATE_FILE}): --resume continues it; a new run"
+                             " needs another folder")
+        return None
     if not path.is_file():
         raise SystemExit(f"--resume: no training state at {path}")
     return read_state_info(path)

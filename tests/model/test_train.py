@@ -66,6 +66,40 @@ def test_a_few_steps_lower_the_validation_loss(data: Path, tmp_path: Path) -> No
     assert "--max-steps 60 --resume" in info["resumed_with"][0]
 
 
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--hidden", "0"], "--hidden must be at least 1, got 0"),
+    (["--threads", "-2"], "--threads must be at least 1, got -2"),
+    (["--warmup-steps", "-1"], "--warmup-steps must be at least 0, got -1"),
+    (["--lr", "nan"], "--lr must be a finite number above 0, got nan"),
+    (["--epochs", "-1"], "--epochs must be a finite number above 0, got -1.0"),
+    (["--grad-clip", "nan"], "--grad-clip must be a finite number >= 0 (0: off), got nan"),
+    (["--ema-decay", "2"], "--ema-decay must be in [0, 1), got 2.0"),
+    (["--min-lr-ratio", "nan"], "--min-lr-ratio must be in [0, 1], got nan"),
+    (["--n-bits", "9"], "--n-bits must be in 1..8, got 9"),
+    (["--schedule", "bogus"], "--schedule must be one of constant, cosine, got 'bogus'"),
+])  # fmt: skip
+def test_bad_flags_are_one_line_before_anything_is_read_or_written(
+        tmp_path: Path, flags: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        trainer.main(run_args(tmp_path / "absent.npz", tmp_path / "run", *flags))
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_new_run_does_not_overwrite_a_run_or_a_file(data: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert trainer.main(run_args(data, out, "--max-steps", "0")) == 0
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    with pytest.raises(SystemExit, match="holds a run \\(state.safetensors\\): --resume continues it"):
+        trainer.main(run_args(data, out, "--max-steps", "2"))
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    with pytest.raises(SystemExit) as exited:
+        trainer.main(run_args(data, data, "--max-steps", "0"))  # --output the data file itself
+    assert exited.value.code == 2 and "is a file; the run needs a folder" in capsys.readouterr().err
+
+
 def test_resume_continues_exactly(data: Path, tmp_path: Path) -> None:
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert trainer.main(run_args(data, straight, "--max-steps", "16")) == 0
