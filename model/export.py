@@ -27,14 +27,14 @@ from model.data import DataError, compact_record, fingerprint, load_dataset, loa
 from model.device import DeviceUnavailable, exact_float32, resolve_device
 from model.evaluate import bits_per_dim, classification_accuracy
 from model.glow import Glow, GlowConfig
-from model.train import LOG_FILE, STATE_FILE, read_state_info
+from model.train import LOG_FILE, RUN_FIELDS, STATE_FILE, read_state_info
 
 TRAIN_SUBSET = 10_000  # training images scored for the card's train bits/dim
 
 
 def load_run(run: Path, weights: str = "ema") -> tuple[Glow, dict[str, Any]]:
     """The model of a run folder (its EMA weights by default) and the state's JSON."""
-    info = read_state_info(run / STATE_FILE)
+    info = read_state_info(run / STATE_FILE, RUN_FIELDS)
     tensors, _ = read_tensors(run / STATE_FILE)
     model = Glow(GlowConfig.from_dict(info["config"]))
     prefix = f"{weights}."

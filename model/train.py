@@ -153,19 +153,36 @@ def save_state(path: Path, model: Glow, ema: EMA, optimizer: torch.optim.Optimiz
     write_json(path.with_suffix(".json"), {**info, "param_groups": groups})
 
 
-def read_state_info(path: Path) -> dict[str, Any]:
-    """The JSON part of a training state."""
+STATE_FIELDS: dict[str, type | tuple[type, ...]] = {"step": int, "wall_time_s": (int, float), "param_groups": list}
+RUN_FIELDS: dict[str, type | tuple[type, ...]] = {**STATE_FIELDS, "config": dict, "settings": dict}  # a trainer's run
+
+
+def read_state_info(path: Path, fields: dict[str, type | tuple[type, ...]] = STATE_FIELDS) -> dict[str, Any]:
+    """The JSON part of a training state: CheckpointError unless it is an object with ``fields`` of their types,
+    a step and a wall time >= 0 (a hand-edited or damaged state, refused before anything runs)."""
+    file = path.with_suffix(".json")
     try:
-        return json.loads(path.with_suffix(".json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path.with_suffix('.json')}: unreadable training state: {exc}") from None
+        info = json.loads(file.read_text())
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: not JSON, or a number past the digit limit
+        raise CheckpointError(f"{file}: unreadable training state: {exc}") from None
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{file}: unusable training state: not a JSON object")
+    for key, kind in fields.items():
+        if not isinstance(info.get(key), kind) or isinstance(info.get(key), bool):
+            raise CheckpointError(f"{file}: unusable training state: {key!r} is missing or of the wrong type")
+    if info["step"] < 0 or not (math.isfinite(info["wall_time_s"]) and info["wall_time_s"] >= 0):
+        raise CheckpointError(f"{file}: unusable training state: step {info['step']}, wall time {info['wall_time_s']}")
+    return info
 
 
 def load_state(path: Path, model: Glow, ema: EMA, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore what :func:`save_state` wrote; returns its JSON part."""
     info = read_state_info(path)
     tensors, _ = read_tensors(path)
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    try:
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    except RuntimeError as exc:  # missing, unexpected or mis-shaped tensors: the state's config is not its weights'
+        raise CheckpointError(f"{path}: the weights do not match the state's config ({str(exc).splitlines()[0]})")
     ema.shadow = {k[4:]: v.to(model.device) for k, v in tensors.items() if k.startswith("ema.")}
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -380,7 +397,7 @@ def previous_run(args: argparse.Namespace) -> dict[str, Any] | None:
         return None
     if not path.is_file():
         raise SystemExit(f"--resume: no training state at {path}")
-    return read_state_info(path)
+    return read_state_info(path, RUN_FIELDS)
 
 
 def run_setup(args: argparse.Namespace, previous: dict[str, Any] | None, data: TrainData,
@@ -389,8 +406,12 @@ def run_setup(args: argparse.Namespace, previous: dict[str, Any] | None, data: T
     image size) and the optimisation settings (the state's or the defaults, with every flag given taking precedence)."""
     image_shape = tuple(data.train.shape[1:])
     if previous is not None:
-        config = GlowConfig.from_dict(previous["config"])
-        settings = TrainSettings(**previous["settings"])
+        try:
+            config = GlowConfig.from_dict(previous["config"])
+            settings = TrainSettings(**previous["settings"])
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{args.output / STATE_FILE}: the state's config or settings are invalid: {exc}") \
+                from None
     elif args.init_from is not None:
         config = replace(load_checkpoint(args.init_from).model.config, labels=class_names(args, data))
         settings = TrainSettings()

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -98,6 +99,29 @@ def test_a_new_run_does_not_overwrite_a_run_or_a_file(data: Path, tmp_path: Path
     with pytest.raises(SystemExit) as exited:
         trainer.main(run_args(data, data, "--max-steps", "0"))  # --output the data file itself
     assert exited.value.code == 2 and "is a file; the run needs a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda info: [], "unusable training state: not a JSON object"),
+    (lambda info: {k: v for k, v in info.items() if k != "config"}, "'config' is missing or of the wrong type"),
+    (lambda info: {**info, "settings": "fast"}, "'settings' is missing or of the wrong type"),
+    (lambda info: {**info, "step": -5}, "unusable training state: step -5"),
+    (lambda info: {**info, "step": 1e30}, "'step' is missing or of the wrong type"),
+    (lambda info: {**info, "wall_time_s": float("nan")}, "wall time nan"),
+    (lambda info: {**info, "settings": {**info["settings"], "speed": 2}}, "the state's config or settings are invalid"),
+    (lambda info: {**info, "config": {**info["config"], "hidden_channels": 32}},
+     "the weights do not match the state's config"),
+])  # fmt: skip
+def test_a_damaged_state_is_one_line_on_resume(data: Path, tmp_path: Path, edit: Any, message: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert trainer.main(run_args(data, out, "--max-steps", "0")) == 0
+    state = out / "state.json"
+    state.write_text(json.dumps(edit(json.loads(state.read_text()))))
+    damaged = state.read_text()
+    assert trainer.main(run_args(data, out, "--max-steps", "2", "--resume")) == 2
+    assert message in capsys.readouterr().err
+    assert state.read_text() == damaged  # refused, nothing written
 
 
 def test_resume_continues_exactly(data: Path, tmp_path: Path) -> None:
