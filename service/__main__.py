@@ -32,7 +32,7 @@ from service.protocol import guarded_protocol
 from service.settings import Settings, SettingsError
 from service.state import ServiceState
 from service.tuning import tune_process
-from service.workers import WorkerLink, serve_workers
+from service.workers import WorkerLink, bound_socket, serve_workers
 
 PROG = "python -m service"
 log = logging.getLogger("service")
@@ -53,6 +53,8 @@ class GracefulServer(uvicorn.Server):
         await super().startup(sockets)
         if self.started and self._link is not None:
             self._link.ready.set()  # the supervisor's signal that this worker serves
+        elif self.started and sockets is not None:
+            self._log_started_message(sockets)  # uvicorn logs "running on" only for sockets it bound itself
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self._state.request_shutdown()
@@ -113,10 +115,11 @@ def main(argv: Sequence[str] | None = None, link: WorkerLink | None = None) -> i
         timeout_keep_alive=settings.keep_alive_s,
     )
     server = GracefulServer(config, app.state.service, settings.shutdown_grace_s, link)
-    try:
-        sockets = None if link is None else [link.listen()]
+    host, port = (link.host, link.port) if link is not None else (settings.host, settings.port)
+    try:  # bound here, not by uvicorn: a bad host or a port in use is one line and exit 1, as the README says
+        sockets = [link.listen() if link is not None else bound_socket(host, port, listen=True, share=False)]
     except OSError as exc:
-        print(f"{PROG}: cannot listen on {link.host}:{link.port}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"{PROG}: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     server.run(sockets=sockets)
     return 0 if server.started else 1

@@ -76,16 +76,17 @@ class Worker:
     exits: list[int] = field(default_factory=list)
 
 
-def bound_socket(host: str, port: int, listen: bool) -> socket.socket:
-    """A TCP socket bound to (host, port) with SO_REUSEPORT, listening when ``listen`` (the parent's, which only
-    holds the port, does not, so it takes no connection); OSError when it cannot."""
+def bound_socket(host: str, port: int, listen: bool, share: bool = True) -> socket.socket:
+    """A TCP socket bound to (host, port), with SO_REUSEPORT when ``share`` (the workers'), listening when ``listen``
+    (the parent's, which only holds the port, does not, so it takes no connection); OSError when it cannot."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto named: asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP, and accepted ones inherit
     # it (with proto 0, every response written in two parts waited ~40 ms for the client's delayed ACK)
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if share:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         if listen:
             sock.listen(2048)

@@ -111,18 +111,28 @@ def test_a_missing_checkpoint_with_workers_exits_1_with_one_line(tmp_path: Path)
     assert server.lines == [f"python -m service: {tmp_path / 'nowhere'}: weights file not found"]
 
 
-def test_a_port_in_use_exits_1_with_one_line(tiny_checkpoint: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_port_in_use_exits_1_with_one_line(tiny_checkpoint: Path, workers: str) -> None:
     with socket.socket() as taken:  # without SO_REUSEPORT: nobody may share it
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        server = ServerProcess(["--weights", str(tiny_checkpoint), "--device", "cpu", "--workers", "2",
+        server = ServerProcess(["--weights", str(tiny_checkpoint), "--device", "cpu", "--workers", workers,
                                 "--port", str(port)])
         try:
             assert server.finish() == 1
         finally:
             server.kill()
     assert len(server.lines) == 1 and server.lines[0].startswith(f"python -m service: cannot listen on 127.0.0.1:{port}")
+
+
+def test_a_host_that_does_not_resolve_exits_1_with_one_line(tiny_checkpoint: Path) -> None:
+    server = ServerProcess(["--weights", str(tiny_checkpoint), "--device", "cpu", "--host", "not a host"])
+    try:
+        assert server.finish() == 1
+    finally:
+        server.kill()
+    assert len(server.lines) == 1 and server.lines[0].startswith("python -m service: cannot listen on not a host:")
 
 
 def test_workers_exit_when_their_parent_is_killed(two_workers: ServerProcess, shared: Path) -> None:
