@@ -86,8 +86,7 @@ class TracedGlow(Glow):
     @torch.no_grad()
     def decode_and_finite(self, z: Tensor) -> tuple[Tensor, Tensor]:
         split_latents(z, self.latent_shapes)  # the shape check, before the graph
-        pixels, finite = self._graphs["decode_and_finite"](z.to(self.dtype))
-        return pixels, finite
+        return self._graphs["decode_and_finite"](z.to(self.dtype))
 
     @staticmethod
     def _check_pixels(x: Tensor) -> None:

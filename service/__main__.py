@@ -53,7 +53,7 @@ class GracefulServer(uvicorn.Server):
         await super().startup(sockets)
         if self.started and self._link is not None:
             self._link.ready.set()  # the supervisor's signal that this worker serves
-        elif self.started and sockets is not None:
+        elif self.started and sockets:
             self._log_started_message(sockets)  # uvicorn logs "running on" only for sockets it bound itself
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None, link: WorkerLink | None = None) -> i
     server = GracefulServer(config, app.state.service, settings.shutdown_grace_s, link)
     host, port = (link.host, link.port) if link is not None else (settings.host, settings.port)
     try:  # bound here, not by uvicorn: a bad host or a port in use is one line and exit 1, as the README says
-        sockets = [link.listen() if link is not None else bound_socket(host, port, listen=True, share=False)]
+        sockets = [bound_socket(host, port, listen=True, share=link is not None)]  # workers share the port
     except OSError as exc:
         print(f"{PROG}: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
         return 1

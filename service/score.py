@@ -173,8 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     form = args.format or ("jsonl" if args.output and args.output.suffix == ".jsonl" else "csv")
     try:  # written beside --output and renamed onto it once every image is scored: a refusal leaves it as it was
-        partial = tempfile.NamedTemporaryFile("w", newline="", dir=args.output.parent, prefix=f".{args.output.name}.",
-                                              suffix=".partial", delete=False) if args.output else None
+        partial = _partial_output(args.output) if args.output else None
     except OSError as exc:
         print(f"glow score: --output {args.output}: {exc}", file=sys.stderr)
         return 2
@@ -214,6 +213,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         scorer.close()
     print(f"glow score: {count} images scored{f' -> {args.output}' if args.output else ''}", file=sys.stderr)
     return 0
+
+
+def _partial_output(target: Path) -> IO[str]:
+    """A file beside ``target`` to write and then rename onto it, with the mode ``open(target, "w")`` would give
+    (a temporary file is made 0600)."""
+    partial = tempfile.NamedTemporaryFile("w", newline="", dir=target.parent, prefix=f".{target.name}.",
+                                          suffix=".partial", delete=False)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(partial.name, 0o666 & ~umask)
+    return partial
 
 
 def _discard(partial: IO[str] | None) -> None:

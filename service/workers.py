@@ -62,9 +62,6 @@ class WorkerLink:
     port: int
     ready: Event
 
-    def listen(self) -> socket.socket:
-        return bound_socket(self.host, self.port, listen=True)
-
 
 @dataclass
 class Worker:

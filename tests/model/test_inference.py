@@ -64,11 +64,16 @@ def test_decode_inverts_encode_pixel_for_pixel(name: str, form: str) -> None:
         assert torch.equal(folded.decode(model.encode(x)), x)
 
 
+def prior_latents(model: torch.nn.Module, n: int, seed: int) -> torch.Tensor:
+    """n flat latents of the prior at temperature 0.7."""
+    return 0.7 * torch.randn(n, model.latent_dim, generator=torch.Generator().manual_seed(seed))
+
+
 @pytest.mark.parametrize("form", list(FORMS))
 def test_decoded_samples_match_the_model(form: str) -> None:
     model = tiny_glow()
     folded = FORMS[form](model)
-    z = 0.7 * torch.randn(64, model.latent_dim, generator=torch.Generator().manual_seed(3))
+    z = prior_latents(model, 64, seed=3)
     with torch.inference_mode():
         mine, theirs = folded.decode(z).int(), model.decode(z).int()
     # float rounding may move a value that lands on a bin edge by one grey level, nothing more
@@ -175,7 +180,7 @@ def test_the_graphs_constants_are_inference_tensors_and_run_outside_inference_mo
 def test_decode_reports_the_latents_whose_inverse_overflows(form: str) -> None:
     model = tiny_glow()
     fast = FORMS[form](model)
-    z = 0.7 * torch.randn(3, model.latent_dim, generator=torch.Generator().manual_seed(0))
+    z = prior_latents(model, 3, seed=0)
     z[1] = 3e38  # finite in float32; the inverse's first multiplications take it past the range
     pixels, finite = fast.decode_and_finite(z)
     assert finite.tolist() == [True, False, True]

@@ -13,6 +13,7 @@ import base64
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +80,9 @@ def test_score_writes_one_row_per_image_in_order_with_the_served_numbers(
     assert [row["image"] for row in rows] == ["#0", "#1", "#2"]
     assert [row["log_likelihood"] for row in rows] == pytest.approx(expected.log_likelihood.tolist(), rel=1e-5)
     assert "3 images scored" in capsys.readouterr().err
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as a plain open would make it, not a temporary file's 0600
 
 
 def test_score_into_a_reader_that_stops_early_ends_quietly(tmp_path: Path, tiny_checkpoint: Path) -> None:
